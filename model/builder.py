@@ -1,0 +1,129 @@
+"""The one place that turns a ModelConfig into megatron-core GPTModel(s).
+
+Call `model.parallel.init_distributed` first: megatron-core reads the parallel state
+when it builds layers. `build_model` returns one module per virtual pipeline stage
+(a single-element list without VPP), which is what megatron-core's schedules, DDP
+and optimizer take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from model import cpu_compat
+from model.config import ModelConfig, ParallelConfig
+from model.spec import block_spec, te_available
+
+_AUX_LOSS_TYPES = {"global_aux_loss", "aux_loss", "seq_aux_loss"}
+
+# The fused kernels ship with TE/apex, so the local spec turns every fusion off.
+_LOCAL_SPEC_FUSIONS = dict(
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+    persist_layer_norm=False,
+    moe_permute_fusion=False,
+    moe_router_fusion=False,
+)
+_TE_FUSIONS = dict(bias_activation_fusion=True, apply_rope_fusion=True, moe_permute_fusion=True)
+
+
+def transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
+                       use_te: bool | None = None, **overrides) -> TransformerConfig:
+    """megatron-core TransformerConfig for Qwen3 at this layout and dtype."""
+    use_te = te_available() if use_te is None else use_te
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        # Qwen3: RMSNorm + QK-norm, SwiGLU, no biases, no dropout.
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # Layout.
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.expert_tp,
+        sequence_parallel=par.sp and par.tp > 1,
+        account_for_embedding_in_pipeline_split=par.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=par.account_for_loss_in_pipeline_split,
+        # Precision.
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+    )
+    if model.is_moe:
+        aux = model.moe_aux_loss_type
+        kwargs.update(
+            num_moe_experts=model.num_experts,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_router_topk=model.moe_router_topk,
+            # HF norm_topk_prob=True is softmax over the top-k logits (top-k, then softmax);
+            # norm_topk_prob=False is softmax over all experts, then top-k.
+            moe_router_pre_softmax=not model.moe_norm_topk_prob,
+            moe_router_score_function="softmax",
+            moe_router_load_balancing_type=aux if aux in _AUX_LOSS_TYPES else "none",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff if aux in _AUX_LOSS_TYPES else 0.0,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=use_te,
+        )
+    kwargs.update(_TE_FUSIONS if use_te else _LOCAL_SPEC_FUSIONS)
+    if cpu_compat.is_active():
+        kwargs.update(cpu_compat.CPU_TRANSFORMER_CONFIG)
+    kwargs.update(overrides)
+    if not model.is_moe:
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("moe_")}
+    return TransformerConfig(**kwargs)
+
+
+def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
+                use_te: bool | None = None, meta: bool = False, **config_overrides
+                ) -> list[GPTModel]:
+    """GPTModel chunk(s) for this rank. `meta=True` allocates nothing (parameter counting)."""
+    use_te = te_available() if use_te is None else use_te
+    if meta:
+        config_overrides.setdefault("perform_initialization", False)
+    config = transformer_config(model, par, dtype, use_te, **config_overrides)
+    vp_stages = range(par.vpp) if par.vpp else [None]
+    chunks = []
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        for vp_stage in vp_stages:
+            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            chunks.append(GPTModel(
+                config=config,
+                transformer_layer_spec=block_spec(config, use_te, vp_stage),
+                vocab_size=model.vocab_size,
+                max_sequence_length=model.max_position_embeddings,
+                pre_process=pre,
+                post_process=post,
+                share_embeddings_and_output_weights=model.tie_word_embeddings,
+                position_embedding_type="rope",
+                rotary_percent=1.0,
+                rotary_base=model.rope_theta,
+                vp_stage=vp_stage,
+            ))
+    return chunks

@@ -1,0 +1,163 @@
+"""Model weights in megatron-core's distributed checkpoint format (torch_dist).
+
+A checkpoint directory holds global tensors (layers stacked, experts stacked, TP
+shards merged), so it loads at any TP/PP/EP layout. Next to megatron-core's files we
+keep `qwen3_model.json`, the ModelConfig that built it, so tools need no flags to
+know the architecture.
+
+Saves are atomic: everything is written to `<dir>.tmp` and renamed into place only
+once complete, so a crash never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+from model.config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_dict
+
+MODEL_CONFIG_FILE = "qwen3_model.json"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "metadata.json").is_file()
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    """Sharded state dict of all model chunks, nested the way Megatron-LM nests it."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def iter_sharded_tensors(sharded_sd: dict) -> Iterator[ShardedTensor]:
+    """Every ShardedTensor, with factories (SwiGLU fc1) expanded into their parts.
+
+    The parts' `.data` are views of the parameters, so writing into them fills the model.
+    """
+    for value in nested_values(sharded_sd):
+        if isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            yield from (built if isinstance(built, list) else nested_values(built))
+        elif isinstance(value, ShardedTensor):
+            yield value
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model(chunks, ckpt_dir: str | Path, model_cfg: ModelConfig, extra: dict | None = None) -> Path:
+    """Collective: write the model chunks' weights to `ckpt_dir` atomically."""
+    final = Path(ckpt_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    _barrier()
+    if _rank() == 0:
+        meta = {"model": model_config_to_dict(model_cfg), **(extra or {})}
+        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def load_model(chunks, ckpt_dir: str | Path) -> None:
+    """Collective: load weights from `ckpt_dir` into the model chunks (any layout)."""
+    if not is_checkpoint(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
+    sharded = model_sharded_state_dict(chunks)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{ckpt_dir} has no {MODEL_CONFIG_FILE}; pass the architecture with --model NAME")
+    return model_config_from_dict(json.loads(path.read_text())["model"])
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def tensor_shapes(ckpt_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor in the checkpoint (reads metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in meta.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+def load_tensors(ckpt_dir: str | Path, requests: dict[str, tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]]
+                 ) -> dict[str, torch.Tensor]:
+    """Load slices of global tensors without building a model or a process group.
+
+    `requests` maps key -> (global shape, dtype, leading indices): with indices (i,) the
+    result is global[i], with () the whole tensor. Only the stored chunks that overlap the
+    slice are read. (megatron-core's own loader cannot do this in one process: it expects
+    the other ranks of a regular sharding grid to read the rest.)
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    buffers, offsets = {}, {}
+    for key, (shape, dtype, index) in requests.items():
+        buffers[key] = torch.empty((1,) * len(index) + tuple(shape[len(index):]), dtype=dtype)
+        offsets[key] = tuple(index) + (0,) * (len(shape) - len(index))
+    dcp_load(buffers, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_SlicePlanner(offsets),
+             no_dist=True)
+    return {k: v.reshape(v.shape[len(requests[k][2]):]) for k, v in buffers.items()}
+
+
+class _SlicePlanner:
+    """DCP load planner that reads each requested tensor as a box at a global offset."""
+
+    def __new__(cls, offsets):
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self):
+                items = []
+                for key, tensor in self.state_dict.items():
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets[key]), sizes=tensor.size())
+                    items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+                return LoadPlan(items)
+
+            def lookup_tensor(self, index):
+                # The buffer *is* the requested box; read items address it relative to it.
+                return self.state_dict[index.fqn]
+
+        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)

@@ -1,0 +1,192 @@
+"""Parallel layout: validation before launch, and process-group initialisation.
+
+`validate_layout` is pure Python (no torch.distributed, no megatron import) so that a
+launcher can reject a bad layout before any process starts or any GPU is touched.
+`init_distributed` is the single place that sets up torch.distributed and
+megatron-core's parallel state for every entry point (training, conversion, tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+from model.config import ConfigError, ModelConfig, ParallelConfig
+
+
+class LayoutError(ConfigError):
+    """An impossible parallel layout; the message is one line naming the numbers."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A validated layout with the derived data-parallel sizes."""
+
+    parallel: ParallelConfig
+    world_size: int
+    dp: int
+    expert_dp: int
+
+
+def pipeline_split_units(model: ModelConfig, par: ParallelConfig) -> int:
+    """Layers the pipeline divides: decoder layers, plus embedding/loss when counted."""
+    return (model.num_layers + int(par.account_for_embedding_in_pipeline_split)
+            + int(par.account_for_loss_in_pipeline_split))
+
+
+def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
+                    seq_length: int | None = None) -> list[str]:
+    """Every reason this layout cannot run this model (empty list when it can)."""
+    problems: list[str] = []
+    sizes = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": par.expert_tp}
+    if par.vpp is not None:
+        sizes["vpp"] = par.vpp
+    bad = [f"{k}={v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+    if bad:
+        return [f"parallel sizes must be integers >= 1, got {', '.join(bad)}"]
+
+    tp, pp, cp, ep, etp = par.tp, par.pp, par.cp, par.ep, par.expert_tp
+    if model.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={model.num_attention_heads} is not divisible by tp={tp}")
+    if model.num_query_groups % tp:
+        problems.append(f"num_query_groups (kv heads)={model.num_query_groups} is not divisible by tp={tp}")
+    if model.vocab_size % tp:
+        problems.append(f"vocab_size={model.vocab_size} is not divisible by tp={tp}")
+    if not model.is_moe and model.ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={model.ffn_hidden_size} is not divisible by tp={tp}")
+
+    units = pipeline_split_units(model, par)
+    stages = pp * (par.vpp or 1)
+    if par.vpp is not None and pp == 1:
+        problems.append(f"vpp={par.vpp} needs pp > 1")
+    elif units % stages:
+        counted = "layers" if units == model.num_layers else "layers + embedding/loss"
+        problems.append(f"{counted}={units} is not divisible by pp*vpp={pp}*{par.vpp or 1}={stages}")
+    if (par.account_for_embedding_in_pipeline_split or par.account_for_loss_in_pipeline_split) and pp == 1:
+        problems.append("account_for_*_in_pipeline_split needs pp > 1")
+
+    if model.is_moe:
+        if model.num_experts % ep:
+            problems.append(f"num_experts={model.num_experts} is not divisible by ep={ep}")
+        if model.moe_ffn_hidden_size % etp:
+            problems.append(f"moe_ffn_hidden_size={model.moe_ffn_hidden_size} is not divisible by etp={etp}")
+        if tp > 1 and not par.sp:
+            problems.append(f"MoE with tp={tp} needs sequence parallelism (set parallel.sp=true)")
+    elif ep > 1:
+        problems.append(f"ep={ep} needs an MoE model; {model.name} is dense")
+
+    if world_size is not None:
+        if world_size % (tp * pp * cp):
+            problems.append(
+                f"world size {world_size} is not divisible by tp*pp*cp={tp}*{pp}*{cp}={tp * pp * cp}")
+        elif world_size % (etp * ep * pp):
+            problems.append(
+                f"world size {world_size} is not divisible by etp*ep*pp={etp}*{ep}*{pp}={etp * ep * pp} "
+                f"(ep*etp must divide dp*cp*tp={world_size // pp})")
+
+    if seq_length is not None:
+        if seq_length < 1:
+            problems.append(f"seq_length={seq_length} must be positive")
+        else:
+            # Causal CP splits the sequence into 2*cp chunks; SP splits each CP shard over tp.
+            multiple = 1
+            if cp > 1:
+                multiple = 2 * cp
+            if par.sp and tp > 1:
+                multiple = math.lcm(multiple, cp * tp)
+            if seq_length % multiple:
+                why = " and ".join(n for n, on in (("cp", cp > 1), ("sp", par.sp and tp > 1)) if on)
+                problems.append(f"seq_length={seq_length} is not divisible by {multiple} (required by {why})")
+            if seq_length > model.max_position_embeddings:
+                problems.append(
+                    f"seq_length={seq_length} exceeds max_position_embeddings={model.max_position_embeddings}")
+    return problems
+
+
+def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
+                    seq_length: int | None = None) -> Layout | None:
+    """Raise LayoutError (one line, all problems) if the layout cannot run the model."""
+    problems = layout_problems(model, par, world_size, seq_length)
+    if problems:
+        raise LayoutError(f"invalid parallel layout for {model.name}: " + "; ".join(problems))
+    if world_size is None:
+        return None
+    dp = world_size // (par.tp * par.pp * par.cp)
+    return Layout(par, world_size, dp, world_size // (par.expert_tp * par.ep * par.pp))
+
+
+def minimum_world_size(par: ParallelConfig) -> int:
+    """Smallest world size that fits the layout (dp chosen so that ep*etp fits)."""
+    model_parallel = par.tp * par.pp * par.cp
+    expert = par.expert_tp * par.ep * par.pp
+    return math.lcm(model_parallel, expert)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig | None = None,
+                     timeout_minutes: int = 30) -> Layout:
+    """Start torch.distributed and megatron-core's parallel state for this process.
+
+    Uses torchrun/SLURM-style env vars (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK) when present, otherwise a single-process world. NCCL on GPU, gloo plus
+    the CPU compatibility layer (model.cpu_compat) when CUDA is absent.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if model is not None:
+        layout = validate_layout(model, par, world_size)
+    else:
+        layout = Layout(par, world_size, world_size // (par.tp * par.pp * par.cp),
+                        world_size // (par.expert_tp * par.ep * par.pp))
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        from model import cpu_compat
+
+        cpu_compat.activate()
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tp,
+            pipeline_model_parallel_size=par.pp,
+            virtual_pipeline_model_parallel_size=par.vpp,
+            context_parallel_size=par.cp,
+            expert_model_parallel_size=par.ep,
+            expert_tensor_parallel_size=par.expert_tp,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
