@@ -105,7 +105,11 @@ def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = to
     """GPTModel chunk(s) for this rank. `meta=True` allocates nothing (parameter counting)."""
     use_te = te_available() if use_te is None else use_te
     if meta:
+        # megatron-core passes an explicit CUDA device unless it initialises on CPU, and an
+        # explicit device escapes the meta context; TE modules always pass one.
+        use_te = False
         config_overrides.setdefault("perform_initialization", False)
+        config_overrides.setdefault("use_cpu_initialization", True)
     config = transformer_config(model, par, dtype, use_te, **config_overrides)
     vp_stages = range(par.vpp) if par.vpp else [None]
     chunks = []

@@ -160,6 +160,13 @@ def from_hf_config(hf: dict, name: str = "hf") -> ModelConfig:
     Accepts both the published checkpoints' spelling (`rope_theta`, `num_experts` at top
     level) and what transformers 5.x writes (`rope_parameters`, `num_local_experts`).
     """
+    try:
+        return _from_hf_config(hf, name)
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks required key {e.args[0]!r}") from None
+
+
+def _from_hf_config(hf: dict, name: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in ("qwen3", "qwen3_moe"):
         raise ConfigError(f"config.json has model_type={model_type!r}; expected qwen3 or qwen3_moe")
@@ -197,7 +204,7 @@ def from_hf_config(hf: dict, name: str = "hf") -> ModelConfig:
             raise ConfigError(
                 "config.json mixes dense and MoE layers (mlp_only_layers/decoder_sparse_step); "
                 "Qwen3-MoE has every layer MoE")
-        cfg.num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+        cfg.num_experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
         cfg.moe_ffn_hidden_size = hf["moe_intermediate_size"]
         cfg.moe_router_topk = hf["num_experts_per_tok"]
         cfg.moe_norm_topk_prob = bool(hf.get("norm_topk_prob", True))

@@ -45,7 +45,7 @@ def is_active() -> bool:
 def _is_cuda_device(device) -> bool:
     if isinstance(device, bool):
         return False
-    if isinstance(device, int):  # torch.cuda.current_device() returns 0 below
+    if isinstance(device, int):  # a CUDA ordinal, e.g. LOCAL_RANK passed as a device
         return True
     if isinstance(device, str):
         return device.startswith("cuda")
@@ -118,8 +118,10 @@ class _NullStream:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    # RoPE, the TP layers, p2p, DDP buffers and the router ask for the current device.
-    cuda.current_device = lambda: 0
+    # RoPE, the TP layers, p2p, DDP buffers and the router allocate on this device. "cpu"
+    # (not an index) keeps that valid inside autograd backward functions, where the
+    # function mode below is not in effect.
+    cuda.current_device = lambda: "cpu"
     # Called by initialisation code that pins a rank to its GPU.
     cuda.set_device = lambda *a, **k: None
     # Called around p2p communication and timers; CPU ops are synchronous.

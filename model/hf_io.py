@@ -65,7 +65,12 @@ class HFWeights:
             return None
         prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
         fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-        return (fused, expert, proj) if fused in self._where else None
+        if fused not in self._where:
+            return None
+        # An expert index beyond the fused tensor's first dimension is absent, not an IndexError later.
+        if expert >= self._open(self._where[fused]).get_slice(fused).get_shape()[0]:
+            return None
+        return fused, expert, proj
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._where:
@@ -92,6 +97,8 @@ class HFWeights:
         if name not in self._where:
             raise ConfigError(f"{self.dir} has no {name}")
         code = self._open(self._where[name]).get_slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise ConfigError(f"{self.dir}: unsupported weight dtype {code} (expected BF16, F16 or F32)")
         return _SAFETENSORS_DTYPES[code]
 
 
@@ -127,6 +134,8 @@ class HFShardWriter:
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> None:
+        if not self._pending and not self._shards:
+            raise ValueError("no tensors were written")
         self._flush()
         n = len(self._shards)
         if n == 1:

@@ -24,6 +24,8 @@ def forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
     for c in chunks:
         c.eval()
     b, s = tokens.shape
+    # The interleaved (VPP) schedule needs a multiple of pp micro-batches: feed one sequence each.
+    microbatches = list(tokens.split(1)) if len(chunks) > 1 else [tokens]
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -34,17 +36,17 @@ def forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
 
         return output, collect
 
-    data = iter([tokens]) if len(chunks) == 1 else [iter([tokens]) for _ in chunks]
+    data = iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data,
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=1,
+        num_microbatches=len(microbatches),
         seq_length=s,
-        micro_batch_size=b,
+        micro_batch_size=microbatches[0].shape[0],
         forward_only=True,
         collect_non_loss_data=True,
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return outputs[0]
+    return torch.cat(outputs, dim=0)

@@ -78,10 +78,12 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
         problems.append(f"ep={ep} needs an MoE model; {model.name} is dense")
 
     if world_size is not None:
-        if world_size % (tp * pp * cp):
+        if world_size < 1:
+            problems.append(f"world size {world_size} must be positive")
+        elif world_size % (tp * pp * cp):
             problems.append(
                 f"world size {world_size} is not divisible by tp*pp*cp={tp}*{pp}*{cp}={tp * pp * cp}")
-        elif world_size % (etp * ep * pp):
+        if world_size >= 1 and world_size % (etp * ep * pp):
             problems.append(
                 f"world size {world_size} is not divisible by etp*ep*pp={etp}*{ep}*{pp}={etp * ep * pp} "
                 f"(ep*etp must divide dp*cp*tp={world_size // pp})")
@@ -180,6 +182,14 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout
+
+
+def reset_model_parallel() -> None:
+    """Drop megatron-core's parallel state but keep the process group, so that the same
+    processes can initialise another layout (tests, and tools that compare layouts)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
 
 
 def destroy_distributed() -> None:

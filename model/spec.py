@@ -51,7 +51,9 @@ class RMSNorm(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # With CPU initialisation leave the device to the ambient default (CPU, or meta when
+        # counting parameters), as megatron-core's own CPU-initialised layers do.
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         # Under SP each TP rank normalises a slice of the sequence, so the weight gradient

@@ -1,0 +1,171 @@
+"""The Megatron training engine: model + DDP + optimizer, and one training step.
+
+Every stage trains through `Engine.train_step`: megatron-core's
+`get_forward_backward_func` (no-pipelining, 1F1B or interleaved, chosen from the
+parallel state), megatron-core DDP, and megatron-core's optimizer (distributed or
+not). Stages differ only in the batches they feed and the `loss_fn` they pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+from model.builder import build_model
+from model.config import ModelConfig, ParallelConfig
+from model.inference import position_ids_for
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+def lm_batch(tokens: torch.Tensor) -> dict:
+    """Next-token batch from [b, s+1] token ids: predict tokens[:, 1:] from tokens[:, :-1]."""
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return {"tokens": inputs, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float),
+            "position_ids": position_ids_for(inputs)}
+
+
+def masked_lm_loss(batch: dict, per_token_loss: torch.Tensor):
+    """Sum of per-token losses under the mask, its token count, and what to log."""
+    mask = batch["loss_mask"].float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+@dataclass
+class Engine:
+    model_cfg: ModelConfig
+    parallel: ParallelConfig
+    chunks: list                       # DDP-wrapped GPTModel per virtual pipeline stage
+    optimizer: object
+    loss_fn: Callable = field(default=masked_lm_loss)
+    steps: int = 0
+
+    @property
+    def config(self):
+        return self.chunks[0].config
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return per_token, lambda output: self.loss_fn(batch, output)
+
+    def train_step(self, microbatches: list[dict]) -> dict:
+        """One optimizer step over this data-parallel rank's micro-batches.
+
+        Returns metrics identical on every rank: loss (token-weighted mean over the whole
+        global batch), grad_norm, update_successful and, for MoE, the balancing losses.
+        """
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro = microbatches[0]["tokens"]
+        data = iter(microbatches) if len(self.chunks) == 1 else [iter(microbatches) for _ in self.chunks]
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=data,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=micro.shape[1],
+            micro_batch_size=micro.shape[0],
+            forward_only=False,
+        )
+        update_successful, grad_norm, _ = self.optimizer.step()
+        self.steps += 1
+        metrics = {"loss": _global_mean_loss(losses), "grad_norm": float(grad_norm or 0.0),
+                   "update_successful": bool(update_successful)}
+        if self.model_cfg.is_moe:
+            metrics.update(self._moe_metrics(len(microbatches)))
+        return metrics
+
+    def _moe_metrics(self, num_microbatches: int) -> dict:
+        totals: dict = {}
+        # Reduces megatron-core's per-layer aux-loss tracker over PP/DP and clears it.
+        track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=self.steps, total_loss_dict=totals,
+                          num_layers=self.model_cfg.num_layers)
+        return {f"moe/{k}": float(v) for k, v in totals.items()}
+
+
+def _global_mean_loss(losses: list) -> float:
+    """Token-weighted mean over micro-batches and DP ranks, made known to every rank."""
+    total = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for entry in losses:
+            total += entry["lm loss"].double()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    # Only the last stage has the loss; a sum over the pipeline group broadcasts it.
+    dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig | None = None,
+                 dtype: torch.dtype = torch.float32, init: Callable[[list], None] | None = None) -> Engine:
+    """Model chunks wrapped in megatron-core DDP, and megatron-core's optimizer.
+
+    `init(chunks)` runs on the bare model before wrapping (e.g. loading a checkpoint).
+    Call model.parallel.init_distributed first.
+    """
+    optim = optim or OptimConfig()
+    chunks = build_model(model_cfg, par, dtype=dtype)
+    if init is not None:
+        init(chunks)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    ddp_chunks = [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                disable_bucketing=i > 0)  # only the first chunk's grads overlap
+        for i, c in enumerate(chunks)
+    ]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        ),
+        ddp_chunks,
+    )
+    config = ddp_chunks[0].config
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    return Engine(model_cfg, par, ddp_chunks, optimizer)
+
+
+def split_for_data_parallel(global_batch: Iterable[dict]) -> list[dict]:
+    """This DP rank's share of a list of micro-batches (round-robin by DP rank)."""
+    rank = parallel_state.get_data_parallel_rank()
+    size = parallel_state.get_data_parallel_world_size()
+    batches = list(global_batch)
+    if len(batches) % size:
+        raise ValueError(f"{len(batches)} micro-batches cannot be split over data-parallel size {size}")
+    return batches[rank::size]
