@@ -7,13 +7,26 @@ PY     := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-common.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
+# Default suite: everything but `slow` and `gpu` tests (see pyproject.toml).
 test: setup
 	$(PY) -m pytest -q tests
+
+# Only the slower checks.
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+# Everything that can run here; `gpu` tests skip themselves without CUDA.
+test-all: setup
+	$(PY) -m pytest -q -m "" tests
+
+# Parameter-count table of the published sizes.
+params: setup
+	$(PY) -m model.params
 
 clean:
 	rm -rf $(VENV) .pytest_cache

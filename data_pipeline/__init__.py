@@ -1,0 +1,1 @@
+"""Tokenizer and indexed-dataset pipeline (arrives with the pretraining-chain issue)."""

@@ -1,0 +1,1 @@
+"""Qwen3 on megatron-core: configs, specs, builder, conversion and checkpoints."""

@@ -72,7 +72,7 @@ def compare(hf_dir: str | Path, ckpt: str | Path, par: ParallelConfig, tokens: t
     ours = forward_logits(chunks, tokens)
     if not is_reporting_rank():
         return None
-    return logit_metrics(ours, hf_logits(hf_dir, tokens, dtype))
+    return logit_metrics(ours.cpu(), hf_logits(hf_dir, tokens, dtype))
 
 
 def format_metrics(m: dict) -> str:

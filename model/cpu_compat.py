@@ -33,8 +33,10 @@ _MODE: TorchFunctionMode | None = None
 CPU_TRANSFORMER_CONFIG = dict(
     # Parameters would otherwise be allocated on torch.cuda.current_device().
     use_cpu_initialization=True,
-    # The batched p2p path synchronises CUDA streams that gloo does not have.
-    batch_p2p_sync=False,
+    # gloo matches same-shaped tensors between a pair of ranks in posting order, so the
+    # batched p2p path can swap activations and gradients in the interleaved (VPP)
+    # schedule; megatron-core's unbatched path orders sends/receives by rank parity.
+    batch_p2p_comm=False,
 )
 
 

@@ -13,6 +13,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 
+def model_device(chunks) -> torch.device:
+    return next(chunks[0].parameters()).device
+
+
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     b, s = tokens.shape
     return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
@@ -23,7 +27,7 @@ def forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
     """Logits [batch, seq, vocab] on last-pipeline-stage ranks, None on the others."""
     for c in chunks:
         c.eval()
-    b, s = tokens.shape
+    tokens = tokens.to(model_device(chunks))
     # The interleaved (VPP) schedule needs a multiple of pp micro-batches: feed one sequence each.
     microbatches = list(tokens.split(1)) if len(chunks) > 1 else [tokens]
 
@@ -42,7 +46,7 @@ def forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
         data_iterator=data,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches),
-        seq_length=s,
+        seq_length=tokens.shape[1],
         micro_batch_size=microbatches[0].shape[0],
         forward_only=True,
         collect_non_loss_data=True,

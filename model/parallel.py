@@ -83,7 +83,9 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
         elif world_size % (tp * pp * cp):
             problems.append(
                 f"world size {world_size} is not divisible by tp*pp*cp={tp}*{pp}*{cp}={tp * pp * cp}")
-        if world_size >= 1 and world_size % (etp * ep * pp):
+        # Skip the expert check when the first one already implies it (e.g. ep=1, etp=tp).
+        implied = (tp * pp * cp) % (etp * ep * pp) == 0
+        if world_size >= 1 and world_size % (etp * ep * pp) and not implied:
             problems.append(
                 f"world size {world_size} is not divisible by etp*ep*pp={etp}*{ep}*{pp}={etp * ep * pp} "
                 f"(ep*etp must divide dp*cp*tp={world_size // pp})")

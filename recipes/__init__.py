@@ -1,0 +1,1 @@
+"""Training stages. `recipes.engine` is the Megatron engine every stage trains through."""

@@ -65,7 +65,8 @@ class Engine:
         return self.chunks[0].config
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return per_token, lambda output: self.loss_fn(batch, output)
 

@@ -43,6 +43,9 @@ def python_module(module: str, *args, **kw) -> subprocess.CompletedProcess:
 
 
 def torchrun(script: str, *args, nprocs: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    # With CUDA every rank needs its own GPU (NCCL); without it, ranks share the CPU (gloo).
+    if torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
+        pytest.skip(f"needs {nprocs} GPUs, found {torch.cuda.device_count()}")
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nprocs}", str(REPO / script), *map(str, args)], timeout=timeout)
 

@@ -250,6 +250,7 @@ def test_error_is_one_line_with_every_problem():
         "moe_ffn_hidden_size=64 is not divisible by etp=3",
         "MoE with tp=3 needs sequence parallelism (set parallel.sp=true)",
         "world size 10 is not divisible by tp*pp*cp=3*3*1=9",
+        "world size 10 is not divisible by etp*ep*pp=3*3*3=27 (ep*etp must divide dp*cp*tp=3)",
         "seq_length=50000 exceeds max_position_embeddings=40960",
     ]
     assert layout_problems(m, par, world_size=10, seq_length=50000) == expected

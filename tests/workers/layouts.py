@@ -1,4 +1,5 @@
-"""The parallel layouts the multi-process tests run, by name (2 processes each)."""
+"""The parallel layouts the multi-process tests run, by name (2 processes each, except
+the 4-process ones used by the `slow` tests)."""
 
 from model.config import ParallelConfig
 
@@ -9,4 +10,7 @@ LAYOUTS = {
     "pp2vpp2": ParallelConfig(pp=2, vpp=2),
     "ep2": ParallelConfig(ep=2, etp=1),
     "tp2ep2": ParallelConfig(tp=2, ep=2, etp=1, sp=True),
+    # 4 processes
+    "tp2pp2": ParallelConfig(tp=2, pp=2, sp=True),
+    "pp2ep2": ParallelConfig(pp=2, ep=2, etp=1),
 }
