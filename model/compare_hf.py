@@ -117,6 +117,9 @@ def main(argv=None) -> int:
         else:
             tokens = sample_tokens(cfg.vocab_size, args.batch, args.seq)
         metrics = compare(args.hf_dir, args.ckpt, par, tokens, DTYPES.get(args.dtype))
+        from model.parallel import destroy_distributed
+
+        destroy_distributed()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -223,7 +223,11 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, cfg: ModelConfig | None = Non
 
     from model.checkpoint import load_tensors, read_checkpoint_meta, read_model_config, tensor_shapes
 
+    from model.checkpoint import is_checkpoint
+
     ckpt, out = Path(ckpt), Path(out)
+    if not is_checkpoint(ckpt):
+        raise ConfigError(f"{ckpt} is not a megatron-core distributed checkpoint (no metadata.json)")
     cfg = cfg or read_model_config(ckpt)
     shapes = tensor_shapes(ckpt)
     all_rules = rules(cfg)
@@ -286,11 +290,13 @@ def _parse(argv):
     a.add_argument("--pp", type=int, default=1)
     a.add_argument("--ep", type=int, default=1)
     a.add_argument("--etp", type=int, default=None, help="expert TP (default: 1 when ep > 1, else tp)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b = sub.add_parser("mcore-to-hf", help="megatron-core distributed checkpoint -> HF directory")
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--model", default=None, help="hydra model name, for checkpoints without qwen3_model.json")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 
 
@@ -299,16 +305,24 @@ def main(argv=None) -> int:
 
     args = _parse(argv if argv is not None else sys.argv[1:])
     try:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
         if args.cmd == "hf-to-mcore":
             cfg = from_hf_config(read_hf_config(args.hf_dir), name=Path(args.hf_dir).name)
             etp = args.etp if args.etp is not None else (1 if args.ep > 1 else args.tp)
             par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=etp, sp=args.tp > 1)
             from model.parallel import minimum_world_size, validate_layout
 
+            # Every input check happens here, in one process, before any rank starts.
             validate_layout(cfg, par)
+            check_hf_tensors(HFWeights(args.hf_dir), cfg)
             relaunch_if_needed("model.convert", argv if argv is not None else sys.argv[1:],
                                minimum_world_size(par))
             hf_to_mcore(args.hf_dir, args.out, par)
+            from model.parallel import destroy_distributed
+
+            destroy_distributed()
         else:
             from model.config import load_model_config
 

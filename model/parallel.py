@@ -195,9 +195,12 @@ def reset_model_parallel() -> None:
 
 
 def destroy_distributed() -> None:
+    """Orderly shutdown: no rank tears down its gloo/NCCL groups while others still talk."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    if dist.is_initialized():
+        dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

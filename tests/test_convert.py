@@ -125,8 +125,19 @@ def test_missing_tensor_is_named_and_nothing_is_written(hf_dirs, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = python_module("model.convert", "mcore-to-hf", "--ckpt", tmp_path / "empty", "--out", tmp_path / "o",
-                         check=False)
-    assert "qwen3_model.json" in one_line_error(proc)
+                         "--model", "tiny", check=False)
+    assert "not a megatron-core distributed checkpoint" in one_line_error(proc)
     proc = python_module("model.convert", "hf-to-mcore", "--hf-dir", tmp_path / "empty", "--out", tmp_path / "o",
                          check=False)
     assert "config.json" in one_line_error(proc)
+
+
+def test_existing_output_is_kept_unless_overwrite(hf_dirs, converted, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = python_module("model.convert", "mcore-to-hf", "--ckpt", converted["moe"], "--out", out, check=False)
+    assert "--overwrite" in one_line_error(proc)
+    assert (out / "precious.txt").read_text() == "keep me"
+    python_module("model.convert", "mcore-to-hf", "--ckpt", converted["moe"], "--out", out, "--overwrite")
+    assert_same_tensors(hf_dirs["moe"], out)

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.compare_hf import compare, sample_tokens  # noqa: E402
-from model.parallel import reset_model_parallel  # noqa: E402
+from model.parallel import destroy_distributed, reset_model_parallel  # noqa: E402
 from tests.workers.layouts import LAYOUTS  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def main():
     if dist.get_rank() == 0:
         merged = {k: v for part in gathered for k, v in part.items()}
         Path(args.out).write_text(json.dumps(merged, indent=2))
+    destroy_distributed()
 
 
 if __name__ == "__main__":

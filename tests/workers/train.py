@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from model.config import load_model_config  # noqa: E402
-from model.parallel import init_distributed, reset_model_parallel  # noqa: E402
+from model.parallel import destroy_distributed, init_distributed, reset_model_parallel  # noqa: E402
 from tests.workers.layouts import LAYOUTS  # noqa: E402
 
 GLOBAL_BATCH, SEQ = 4, 32
@@ -84,6 +84,7 @@ def main():
                 reset_model_parallel()
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
+    destroy_distributed()
 
 
 if __name__ == "__main__":
