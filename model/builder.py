@@ -18,7 +18,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model import cpu_compat
 from model.config import ModelConfig, ParallelConfig
-from model.spec import block_spec, te_available
+from model.parallel import te_available
+from model.spec import block_spec
 
 _AUX_LOSS_TYPES = {"global_aux_loss", "aux_loss", "seq_aux_loss"}
 

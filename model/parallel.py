@@ -30,6 +30,20 @@ class Layout:
     expert_dp: int
 
 
+def te_available() -> bool:
+    """Transformer Engine needs CUDA; on CPU it fails to import (and PyPI's empty
+    `transformer-engine` package would break megatron-core), so never try there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def pipeline_split_units(model: ModelConfig, par: ParallelConfig) -> int:
     """Layers the pipeline divides: decoder layers, plus embedding/loss when counted."""
     return (model.num_layers + int(par.account_for_embedding_in_pipeline_split)
@@ -37,8 +51,11 @@ def pipeline_split_units(model: ModelConfig, par: ParallelConfig) -> int:
 
 
 def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
-                    seq_length: int | None = None) -> list[str]:
-    """Every reason this layout cannot run this model (empty list when it can)."""
+                    seq_length: int | None = None, use_te: bool | None = None) -> list[str]:
+    """Every reason this layout cannot run this model (empty list when it can).
+
+    `use_te=False` adds the limits of megatron-core's local spec (the CPU path).
+    """
     problems: list[str] = []
     sizes = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": par.expert_tp}
     if par.vpp is not None:
@@ -66,6 +83,9 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
         problems.append(f"{counted}={units} is not divisible by pp*vpp={pp}*{par.vpp or 1}={stages}")
     if (par.account_for_embedding_in_pipeline_split or par.account_for_loss_in_pipeline_split) and pp == 1:
         problems.append("account_for_*_in_pipeline_split needs pp > 1")
+
+    if use_te is False and cp > 1:
+        problems.append(f"cp={cp} needs Transformer Engine attention (GPU); the local spec has no context parallelism")
 
     if model.is_moe:
         if model.num_experts % ep:
@@ -110,9 +130,9 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
 
 
 def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
-                    seq_length: int | None = None) -> Layout | None:
+                    seq_length: int | None = None, use_te: bool | None = None) -> Layout | None:
     """Raise LayoutError (one line, all problems) if the layout cannot run the model."""
-    problems = layout_problems(model, par, world_size, seq_length)
+    problems = layout_problems(model, par, world_size, seq_length, use_te)
     if problems:
         raise LayoutError(f"invalid parallel layout for {model.name}: " + "; ".join(problems))
     if world_size is None:
@@ -149,7 +169,7 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if model is not None:
-        layout = validate_layout(model, par, world_size)
+        layout = validate_layout(model, par, world_size, use_te=te_available())
     else:
         layout = Layout(par, world_size, world_size // (par.tp * par.pp * par.cp),
                         world_size // (par.expert_tp * par.ep * par.pp))

@@ -35,17 +35,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 
-def te_available() -> bool:
-    """TE needs CUDA; on CPU it fails to import (and PyPI's meta package breaks megatron)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 class RMSNorm(torch.nn.Module):
     """Qwen3's RMSNorm: normalise in float32, cast back, then scale (as HF computes it)."""
 
@@ -67,10 +56,8 @@ class RMSNorm(torch.nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
-
 _TE_KEY_FOR_INPUT_NORM = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
 _TE_KEY_FOR_PRE_MLP_NORM = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
-
 
 def local_layer_spec(moe: bool) -> ModuleSpec:
     """Qwen3 decoder layer from megatron-core's local modules (runs on CPU)."""
@@ -116,7 +103,6 @@ def local_layer_spec(moe: bool) -> ModuleSpec:
         ),
     )
 
-
 def te_layer_spec(num_experts: int | None) -> ModuleSpec:
     """Qwen3 decoder layer from Transformer Engine modules (GPU, FP8-capable)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -126,7 +112,6 @@ def te_layer_spec(num_experts: int | None) -> ModuleSpec:
         moe_grouped_gemm=bool(num_experts),
         qk_layernorm=True,
     )
-
 
 def block_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = None
                ) -> TransformerBlockSubmodules:

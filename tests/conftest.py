@@ -82,6 +82,8 @@ HF_VARIANTS = {
     "dense_tied": ("tiny", torch.float32, {}),
     "dense_untied": ("tiny", torch.float32, {"tie_word_embeddings": False}),
     "moe": ("tiny_moe", torch.float32, {}),
+    # norm_topk_prob=false: top-k of the softmax over all experts, not renormalised.
+    "moe_nonorm": ("tiny_moe", torch.float32, {"moe_norm_topk_prob": False}),
     "dense_bf16": ("tiny", torch.bfloat16, {}),
     "moe_bf16": ("tiny_moe", torch.bfloat16, {}),
 }

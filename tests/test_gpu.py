@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_te_spec_is_selected():
-    from model.spec import te_available
+    from model.parallel import te_available
 
     assert te_available(), "CUDA is present but transformer_engine does not import"
 

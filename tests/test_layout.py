@@ -342,3 +342,10 @@ def test_load_parallel_config_rejects_unknown_keys(tmp_path: Path):
     p.write_text("tp: 2\ndp: 4\n")
     with pytest.raises(ConfigError, match=r"unknown keys \['dp'\]"):
         load_parallel_config(str(p))
+
+
+def test_context_parallelism_needs_te():
+    par = ParallelConfig(cp=2)
+    assert layout_problems(model("tiny"), par, use_te=False) == [
+        "cp=2 needs Transformer Engine attention (GPU); the local spec has no context parallelism"]
+    assert layout_problems(model("tiny"), par, use_te=True) == []

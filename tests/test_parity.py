@@ -23,6 +23,7 @@ CASES = {  # HF variant -> layouts
     "dense_tied": DENSE_LAYOUTS,
     "dense_untied": DENSE_LAYOUTS,
     "moe": MOE_LAYOUTS,
+    "moe_nonorm": ["tp1", "ep2"],
     "dense_bf16": ["tp1", "tp2"],
     "moe_bf16": ["tp1", "ep2"],
 }
@@ -40,7 +41,7 @@ def parity(hf_dirs, converted, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant,layout", [(v, l) for v in ("dense_tied", "dense_untied", "moe")
+@pytest.mark.parametrize("variant,layout", [(v, l) for v in ("dense_tied", "dense_untied", "moe", "moe_nonorm")
                                             for l in CASES[v]])
 def test_float32_logits_match_hf(parity, variant, layout):
     m = parity[variant][layout]
