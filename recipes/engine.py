@@ -93,7 +93,8 @@ class Engine:
         )
         update_successful, grad_norm, _ = self.optimizer.step()
         self.steps += 1
-        metrics = {"loss": _global_mean_loss(losses), "grad_norm": float(grad_norm or 0.0),
+        device = next(self.chunks[0].parameters()).device
+        metrics = {"loss": _global_mean_loss(losses, device), "grad_norm": float(grad_norm or 0.0),
                    "update_successful": bool(update_successful)}
         if self.model_cfg.is_moe:
             metrics.update(self._moe_metrics(len(microbatches)))
@@ -107,12 +108,12 @@ class Engine:
         return {f"moe/{k}": float(v) for k, v in totals.items()}
 
 
-def _global_mean_loss(losses: list) -> float:
+def _global_mean_loss(losses: list, device: torch.device) -> float:
     """Token-weighted mean over micro-batches and DP ranks, made known to every rank."""
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device NCCL reduces
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for entry in losses:
-            total += entry["lm loss"].double()
+            total += entry["lm loss"].to(device, torch.float64)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     # Only the last stage has the loss; a sum over the pipeline group broadcasts it.
     dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
