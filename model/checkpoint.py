@@ -22,6 +22,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from model.config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_dict
 
@@ -103,16 +109,13 @@ def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
     return model_config_from_dict(json.loads(path.read_text())["model"])
 
 
-def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / MODEL_CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def checkpoint_dtype(ckpt_dir: str | Path) -> torch.dtype:
+    """Storage dtype of the weights (that of the word embedding)."""
+    return tensor_shapes(ckpt_dir)["embedding.word_embeddings.weight"][1]
 
 
 def tensor_shapes(ckpt_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Global shape and dtype of every tensor in the checkpoint (reads metadata only)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     meta = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
     return {k: (tuple(v.size), v.properties.dtype) for k, v in meta.items()
             if isinstance(v, TensorStorageMetadata)}
@@ -127,9 +130,6 @@ def load_tensors(ckpt_dir: str | Path, requests: dict[str, tuple[tuple[int, ...]
     slice are read. (megatron-core's own loader cannot do this in one process: it expects
     the other ranks of a regular sharding grid to read the rest.)
     """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-
     buffers, offsets = {}, {}
     for key, (shape, dtype, index) in requests.items():
         buffers[key] = torch.empty((1,) * len(index) + tuple(shape[len(index):]), dtype=dtype)
@@ -139,25 +139,20 @@ def load_tensors(ckpt_dir: str | Path, requests: dict[str, tuple[tuple[int, ...]
     return {k: v.reshape(v.shape[len(requests[k][2]):]) for k, v in buffers.items()}
 
 
-class _SlicePlanner:
+class _SlicePlanner(DefaultLoadPlanner):
     """DCP load planner that reads each requested tensor as a box at a global offset."""
 
-    def __new__(cls, offsets):
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    def __init__(self, offsets: dict[str, tuple[int, ...]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.offsets = offsets
 
-        class Planner(DefaultLoadPlanner):
-            def create_local_plan(self):
-                items = []
-                for key, tensor in self.state_dict.items():
-                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets[key]), sizes=tensor.size())
-                    items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-                return LoadPlan(items)
+    def create_local_plan(self):
+        items = []
+        for key, tensor in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=tensor.size())
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(items)
 
-            def lookup_tensor(self, index):
-                # The buffer *is* the requested box; read items address it relative to it.
-                return self.state_dict[index.fqn]
-
-        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    def lookup_tensor(self, index):
+        # The buffer *is* the requested box; read items address it relative to it.
+        return self.state_dict[index.fqn]

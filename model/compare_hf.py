@@ -59,13 +59,13 @@ def compare(hf_dir: str | Path, ckpt: str | Path, par: ParallelConfig, tokens: t
             dtype: torch.dtype | None = None) -> dict | None:
     """Collective. Metrics on the reporting rank, None elsewhere."""
     from model.builder import build_model
-    from model.checkpoint import load_model, read_checkpoint_meta, read_model_config
+    from model.checkpoint import checkpoint_dtype, load_model, read_model_config
     from model.inference import forward_logits
     from model.parallel import init_distributed
 
     cfg = read_model_config(ckpt)
     if dtype is None:
-        dtype = DTYPES[read_checkpoint_meta(ckpt).get("dtype", "float32")]
+        dtype = checkpoint_dtype(ckpt)
     init_distributed(par, model=cfg)
     chunks = build_model(cfg, par, dtype=dtype, perform_initialization=False)
     load_model(chunks, ckpt)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -154,13 +155,12 @@ def check_hf_tensors(hf: HFWeights, cfg: ModelConfig) -> None:
 # --------------------------------------------------------------------------- hf -> mcore
 
 
-def fill_from_hf(chunks, hf: HFWeights, cfg: ModelConfig) -> int:
-    """Copy this rank's shard of every parameter from the HF tensors. Returns tensors filled."""
+def fill_from_hf(chunks, hf: HFWeights, cfg: ModelConfig) -> None:
+    """Copy this rank's shard of every parameter from the HF tensors."""
     from model.checkpoint import iter_sharded_tensors, model_sharded_state_dict
 
     by_key = {r.key: r for r in rules(cfg)}
     cache: dict[tuple, torch.Tensor] = {}
-    filled = 0
     with torch.no_grad():
         for sh in iter_sharded_tensors(model_sharded_state_dict(chunks)):
             rule = by_key.get(sh.key)
@@ -179,8 +179,17 @@ def fill_from_hf(chunks, hf: HFWeights, cfg: ModelConfig) -> int:
             if local.shape != sh.data.shape:
                 raise ConfigError(f"{sh.key}: HF gives {tuple(local.shape)}, model expects {tuple(sh.data.shape)}")
             sh.data.copy_(local)
-            filled += 1
-    return filled
+
+
+def read_hf_model(hf_dir: str | Path, par: ParallelConfig) -> tuple[ModelConfig, HFWeights]:
+    """Every input check, cheap and in one process: config, layout, tensor names."""
+    from model.parallel import validate_layout
+
+    cfg = from_hf_config(read_hf_config(hf_dir), name=Path(hf_dir).name)
+    validate_layout(cfg, par)
+    hf = HFWeights(hf_dir)
+    check_hf_tensors(hf, cfg)
+    return cfg, hf
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, par: ParallelConfig) -> Path:
@@ -189,15 +198,11 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, par: ParallelConfig) -> Pat
     from model.checkpoint import save_model
     from model.parallel import init_distributed
 
-    cfg = from_hf_config(read_hf_config(hf_dir), name=Path(hf_dir).name)
-    hf = HFWeights(hf_dir)
-    check_hf_tensors(hf, cfg)
-    dtype = hf.dtype()
+    cfg, hf = read_hf_model(hf_dir, par)
     init_distributed(par, model=cfg)
-    chunks = build_model(cfg, par, dtype=dtype, perform_initialization=False)
+    chunks = build_model(cfg, par, dtype=hf.dtype(), perform_initialization=False)
     fill_from_hf(chunks, hf, cfg)
-    save_model(chunks, out, cfg, extra={"dtype": str(dtype).removeprefix("torch."),
-                                         "source": str(Path(hf_dir).resolve())})
+    save_model(chunks, out, cfg, extra={"source": str(Path(hf_dir).resolve())})
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -221,9 +226,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, cfg: ModelConfig | None = Non
     """Write an HF directory from a megatron-core checkpoint, one layer in memory at a time."""
     from tqdm import tqdm
 
-    from model.checkpoint import load_tensors, read_checkpoint_meta, read_model_config, tensor_shapes
-
-    from model.checkpoint import is_checkpoint
+    from model.checkpoint import is_checkpoint, load_tensors, read_model_config, tensor_shapes
 
     ckpt, out = Path(ckpt), Path(out)
     if not is_checkpoint(ckpt):
@@ -256,7 +259,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, cfg: ModelConfig | None = Non
             emit(r, loaded[r.key], i)
     writer.close()
 
-    dtype = read_checkpoint_meta(ckpt).get("dtype") or str(shapes["embedding.word_embeddings.weight"][1]).removeprefix("torch.")
+    dtype = str(shapes["embedding.word_embeddings.weight"][1]).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype), indent=2) + "\n")
     extra = ckpt / "hf_extra"
     if extra.is_dir():
@@ -309,16 +312,15 @@ def main(argv=None) -> int:
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
         if args.cmd == "hf-to-mcore":
-            cfg = from_hf_config(read_hf_config(args.hf_dir), name=Path(args.hf_dir).name)
             etp = args.etp if args.etp is not None else (1 if args.ep > 1 else args.tp)
             par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=etp, sp=args.tp > 1)
-            from model.parallel import minimum_world_size, validate_layout
+            from model.parallel import minimum_world_size
 
-            # Every input check happens here, in one process, before any rank starts.
-            validate_layout(cfg, par)
-            check_hf_tensors(HFWeights(args.hf_dir), cfg)
-            relaunch_if_needed("model.convert", argv if argv is not None else sys.argv[1:],
-                               minimum_world_size(par))
+            nprocs = minimum_world_size(par)
+            if "WORLD_SIZE" not in os.environ and nprocs > 1:
+                # Fail on bad input here, before any rank starts (hf_to_mcore checks otherwise).
+                read_hf_model(args.hf_dir, par)
+            relaunch_if_needed("model.convert", argv if argv is not None else sys.argv[1:], nprocs)
             hf_to_mcore(args.hf_dir, args.out, par)
             from model.parallel import destroy_distributed
 

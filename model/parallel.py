@@ -135,10 +135,12 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: int | N
     problems = layout_problems(model, par, world_size, seq_length, use_te)
     if problems:
         raise LayoutError(f"invalid parallel layout for {model.name}: " + "; ".join(problems))
-    if world_size is None:
-        return None
-    dp = world_size // (par.tp * par.pp * par.cp)
-    return Layout(par, world_size, dp, world_size // (par.expert_tp * par.ep * par.pp))
+    return None if world_size is None else _layout(par, world_size)
+
+
+def _layout(par: ParallelConfig, world_size: int) -> Layout:
+    return Layout(par, world_size, world_size // (par.tp * par.pp * par.cp),
+                  world_size // (par.expert_tp * par.ep * par.pp))
 
 
 def minimum_world_size(par: ParallelConfig) -> int:
@@ -169,10 +171,8 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if model is not None:
-        layout = validate_layout(model, par, world_size, use_te=te_available())
-    else:
-        layout = Layout(par, world_size, world_size // (par.tp * par.pp * par.cp),
-                        world_size // (par.expert_tp * par.ep * par.pp))
+        validate_layout(model, par, world_size, use_te=te_available())
+    layout = _layout(par, world_size)
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:

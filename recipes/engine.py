@@ -60,10 +60,6 @@ class Engine:
     loss_fn: Callable = field(default=masked_lm_loss)
     steps: int = 0
 
-    @property
-    def config(self):
-        return self.chunks[0].config
-
     def _forward_step(self, data_iterator, model):
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
