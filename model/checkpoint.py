@@ -69,6 +69,13 @@ def _barrier() -> None:
 
 def save_model(chunks, ckpt_dir: str | Path, model_cfg: ModelConfig, extra: dict | None = None) -> Path:
     """Collective: write the model chunks' weights to `ckpt_dir` atomically."""
+    return save_sharded(model_sharded_state_dict(chunks), ckpt_dir, model_cfg, extra)
+
+
+def save_sharded(sharded_sd: dict, ckpt_dir: str | Path, model_cfg: ModelConfig,
+                 extra: dict | None = None) -> Path:
+    """Collective: write a sharded state dict (the model's, possibly with optimizer and
+    training state beside it) to `ckpt_dir` atomically, with `qwen3_model.json`."""
     final = Path(ckpt_dir)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -76,7 +83,7 @@ def save_model(chunks, ckpt_dir: str | Path, model_cfg: ModelConfig, extra: dict
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    dist_checkpointing.save(sharded_sd, str(tmp))
     _barrier()
     if _rank() == 0:
         meta = {"model": model_config_to_dict(model_cfg), **(extra or {})}
@@ -92,8 +99,11 @@ def load_model(chunks, ckpt_dir: str | Path) -> None:
     """Collective: load weights from `ckpt_dir` into the model chunks (any layout)."""
     if not is_checkpoint(ckpt_dir):
         raise ConfigError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
-    sharded = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    apply_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(ckpt_dir)))
+
+
+def apply_model_state(chunks, loaded: dict) -> None:
+    """Copy the model entries of a loaded state dict into the chunks."""
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)
     else:

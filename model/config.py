@@ -53,6 +53,12 @@ class ModelConfig:
     # "seq_aux_loss" or "none".
     moe_aux_loss_type: str = "global_aux_loss"
     moe_aux_loss_coeff: float = 1e-3
+    # YaRN context extension (Qwen3: factor 4 over 32,768 positions, to 131,072). An
+    # inference-time switch: training keeps plain RoPE, and the exported HF config
+    # carries it as `rope_scaling` for HF/vLLM/SGLang to apply.
+    yarn: bool = False
+    yarn_factor: float = 4.0
+    yarn_original_max_position_embeddings: int = 32_768
 
     @property
     def is_moe(self) -> bool:
@@ -82,6 +88,10 @@ class ModelConfig:
                     f"model.moe_aux_loss_type={self.moe_aux_loss_type!r} is not one of {allowed}")
         elif self.ffn_hidden_size <= 0:
             raise ConfigError("a dense model needs model.ffn_hidden_size > 0")
+        if self.yarn and (self.yarn_factor <= 1 or self.yarn_original_max_position_embeddings <= 0):
+            raise ConfigError(
+                f"model.yarn needs yarn_factor > 1 and yarn_original_max_position_embeddings > 0, got "
+                f"{self.yarn_factor} and {self.yarn_original_max_position_embeddings}")
         return self
 
 
@@ -180,8 +190,9 @@ def _from_hf_config(hf: dict, name: str) -> ModelConfig:
     rope = hf.get("rope_parameters") or {}
     rope_theta = hf.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ConfigError(f"config.json sets rope scaling {scaling}; only plain RoPE is supported here")
+    scaling_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if scaling_type not in ("default", "yarn"):
+        raise ConfigError(f"config.json sets rope scaling {scaling}; only plain RoPE and YaRN are supported")
 
     heads = hf["num_attention_heads"]
     cfg = ModelConfig(
@@ -199,6 +210,10 @@ def _from_hf_config(hf: dict, name: str) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         init_method_std=hf.get("initializer_range", 0.02),
     )
+    if scaling_type == "yarn":
+        cfg.yarn = True
+        cfg.yarn_factor = float(scaling["factor"])
+        cfg.yarn_original_max_position_embeddings = int(scaling["original_max_position_embeddings"])
     if model_type == "qwen3_moe":
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
             raise ConfigError(
@@ -242,6 +257,11 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
         "use_sliding_window": False,
         "vocab_size": cfg.vocab_size,
     }
+    if cfg.yarn:
+        hf["rope_scaling"] = {"rope_type": "yarn", "factor": cfg.yarn_factor,
+                              "original_max_position_embeddings": cfg.yarn_original_max_position_embeddings}
+        # transformers derives the extended context from this and warns if it disagrees.
+        hf["max_position_embeddings"] = int(cfg.yarn_factor * cfg.yarn_original_max_position_embeddings)
     if cfg.is_moe:
         hf.update(
             decoder_sparse_step=1,

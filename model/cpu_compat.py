@@ -148,7 +148,9 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import utils as mutils
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # The tracker reads/writes the CUDA generator through these two private helpers.
@@ -170,6 +172,15 @@ def _patch_megatron() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    # Activation recompute re-runs attention inside autograd's backward, where the function
+    # mode below is not in effect, and this helper asks for a device="cuda" mask.
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    mutils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
 def activate() -> bool:

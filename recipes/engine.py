@@ -8,6 +8,7 @@ not). Stages differ only in the batches they feed and the `loss_fn` they pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -16,11 +17,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 from model.builder import build_model
-from model.config import ModelConfig, ParallelConfig
+from model.config import ConfigError, ModelConfig, ParallelConfig
 from model.inference import position_ids_for
 
 
@@ -34,6 +36,38 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # LR schedule (megatron-core's OptimizerParamScheduler), in optimizer steps.
+    # Warmup: warmup_steps when set, else warmup_fraction of the decay length.
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.0
+    # "constant", "linear", "cosine", "inverse-square-root" or "WSD".
+    decay_style: str = "cosine"
+    # Steps from the start to the end of decay; None means the stage's max_steps.
+    decay_steps: int | None = None
+    # WSD only: length of the final decay phase (fraction of decay_steps) and its shape.
+    wsd_decay_fraction: float = 0.1
+    wsd_decay_style: str = "linear"
+
+    def check(self) -> "OptimConfig":
+        styles = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+        if self.decay_style not in styles:
+            raise ConfigError(f"optim.decay_style={self.decay_style!r} is not one of {styles}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ConfigError(f"optim.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        return self
+
+    def schedule(self, max_steps: int) -> tuple[int, int]:
+        """(warmup steps, decay steps) for a stage of `max_steps` steps."""
+        decay = self.decay_steps or max_steps
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_fraction * decay)
+        if warmup >= decay and self.decay_style != "constant":
+            raise ConfigError(f"optim warmup ({warmup} steps) must be shorter than the decay length "
+                              f"{decay} (optim.decay_steps or trainer.max_steps)")
+        return warmup, decay
 
 
 def lm_batch(tokens: torch.Tensor) -> dict:
@@ -57,8 +91,10 @@ class Engine:
     parallel: ParallelConfig
     chunks: list                       # DDP-wrapped GPTModel per virtual pipeline stage
     optimizer: object
+    scheduler: object = None           # megatron-core OptimizerParamScheduler
     loss_fn: Callable = field(default=masked_lm_loss)
     steps: int = 0
+    _load_ratio: float = 0.0
 
     def _forward_step(self, data_iterator, model):
         device = next(model.parameters()).device
@@ -70,7 +106,9 @@ class Engine:
         """One optimizer step over this data-parallel rank's micro-batches.
 
         Returns metrics identical on every rank: loss (token-weighted mean over the whole
-        global batch), grad_norm, update_successful and, for MoE, the balancing losses.
+        global batch), grad_norm, lr, update_successful and, for MoE, the balancing loss
+        and expert load. A NaN/Inf loss skips the update (`skipped=True`): weights,
+        optimizer state and schedule stay untouched.
         """
         for c in self.chunks:
             c.train()
@@ -87,21 +125,53 @@ class Engine:
             micro_batch_size=micro.shape[0],
             forward_only=False,
         )
-        update_successful, grad_norm, _ = self.optimizer.step()
-        self.steps += 1
         device = next(self.chunks[0].parameters()).device
-        metrics = {"loss": _global_mean_loss(losses, device), "grad_norm": float(grad_norm or 0.0),
-                   "update_successful": bool(update_successful)}
+        loss = _global_mean_loss(losses, device)
+        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
         if self.model_cfg.is_moe:
             metrics.update(self._moe_metrics(len(microbatches)))
-        return metrics
+        if not math.isfinite(loss):
+            # Every rank knows the loss, so all skip together; grads are dropped next step.
+            return {**metrics, "grad_norm": float("nan"), "update_successful": False, "skipped": True}
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None and update_successful:
+            self.scheduler.step(increment=1)
+        self.steps += 1
+        return {**metrics, "grad_norm": float(grad_norm or 0.0), "update_successful": bool(update_successful),
+                "skipped": False}
 
     def _moe_metrics(self, num_microbatches: int) -> dict:
         totals: dict = {}
         # Reduces megatron-core's per-layer aux-loss tracker over PP/DP and clears it.
         track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=self.steps, total_loss_dict=totals,
                           num_layers=self.model_cfg.num_layers)
-        return {f"moe/{k}": float(v) for k, v in totals.items()}
+        metrics = {f"moe/{k}": float(v) for k, v in totals.items()}
+        metrics.update(self._expert_load())
+        return metrics
+
+    def _expert_load(self) -> dict:
+        """Max/mean tokens per expert over this step's global batch, worst layer."""
+        if self.model_cfg.moe_aux_loss_type != "global_aux_loss":
+            return {}
+        worst = torch.tensor([self._load_ratio], dtype=torch.float64,
+                             device=next(self.chunks[0].parameters()).device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
+        return {"moe/expert_load_max_over_mean": worst.item()}
+
+    def finalize_grads(self, model, *args, **kwargs):
+        """megatron-core's finalize_model_grads, after noting the expert loads.
+
+        The routers count tokens per expert over the global batch (reduced over DP) for the
+        global balancing loss, and finalize_model_grads clears those counts; this is the
+        last moment they can be read.
+        """
+        self._load_ratio = 0.0
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                counts = getattr(module, "global_tokens_per_expert", None)
+                if counts is not None and counts.sum() > 0:
+                    self._load_ratio = max(self._load_ratio, (counts.max() / counts.mean()).item())
+        return finalize_model_grads(model, *args, **kwargs)
 
 
 def _global_mean_loss(losses: list, device: torch.device) -> float:
@@ -117,14 +187,17 @@ def _global_mean_loss(losses: list, device: torch.device) -> float:
 
 
 def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig | None = None,
-                 dtype: torch.dtype = torch.float32, init: Callable[[list], None] | None = None) -> Engine:
-    """Model chunks wrapped in megatron-core DDP, and megatron-core's optimizer.
+                 dtype: torch.dtype = torch.float32, init: Callable[[list], None] | None = None,
+                 max_steps: int | None = None, **config_overrides) -> Engine:
+    """Model chunks wrapped in megatron-core DDP, megatron-core's optimizer and its LR
+    schedule over `max_steps` steps.
 
-    `init(chunks)` runs on the bare model before wrapping (e.g. loading a checkpoint).
+    `init(chunks)` runs on the bare model before wrapping (e.g. loading weights).
+    `config_overrides` reach the TransformerConfig (FP8 recipe, activation recompute).
     Call model.parallel.init_distributed first.
     """
-    optim = optim or OptimConfig()
-    chunks = build_model(model_cfg, par, dtype=dtype)
+    optim = (optim or OptimConfig()).check()
+    chunks = build_model(model_cfg, par, dtype=dtype, **config_overrides)
     if init is not None:
         init(chunks)
     ddp_config = DistributedDataParallelConfig(
@@ -153,10 +226,32 @@ def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig
         ),
         ddp_chunks,
     )
+    engine = Engine(model_cfg, par, ddp_chunks, optimizer, lr_scheduler(optimizer, optim, max_steps or 1))
     config = ddp_chunks[0].config
     config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-    return Engine(model_cfg, par, ddp_chunks, optimizer)
+    config.finalize_model_grads_func = engine.finalize_grads
+    return engine
+
+
+def lr_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> OptimizerParamScheduler:
+    """Warmup then the configured decay, stepped once per optimizer step."""
+    warmup_steps, decay_steps = optim.schedule(max_steps)
+    wsd = optim.decay_style == "WSD"
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(decay_steps * optim.wsd_decay_fraction)) if wsd else None,
+        lr_wsd_decay_style=optim.wsd_decay_style if wsd else None,
+    )
 
 
 def split_for_data_parallel(global_batch: Iterable[dict]) -> list[dict]:

@@ -109,3 +109,48 @@ def converted(hf_dirs, tmp_path_factory) -> dict[str, Path]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
+    """The Qwen3 tokenizer, built from the packaged ranks and saved once per session."""
+    from data_pipeline.tokenizer import save_qwen3_tokenizer
+
+    return save_qwen3_tokenizer(tmp_path_factory.mktemp("tokenizer") / "qwen3")
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """Generated corpus preprocessed with the real tokenizer: general/code/math datasets
+    for S1/S2, and `long` split into length buckets [64,128) and [128,256) for the S3
+    smoke (the real S3 buckets, 4K-16K and 16K-32K, scaled down 64x)."""
+    from data_pipeline.corpus import write_corpus
+    from data_pipeline.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    files = write_corpus(root / "corpus", seed=0, scale=1)
+    for name in ("general", "code", "math"):
+        preprocess([files[name]], root / name, qwen3_tokenizer_dir, progress=False)
+    preprocess([files["long"]], root / "long", qwen3_tokenizer_dir, length_buckets=[64, 128, 256],
+               progress=False)
+    return root
+
+
+def pretrain_command(run_root: Path, data_root: Path, *overrides, nprocs: int | None = None) -> list[str]:
+    """`python -m recipes.pretrain` on a tiny CPU-sized config (seq 64, 4 samples per step).
+
+    With `nprocs`, the recipe is started as one process and re-launches itself under
+    torchrun, as a user on a workstation would run it. Later overrides win.
+    """
+    args = [f"run.root={run_root}", f"data.root={data_root}", "trainer.seq_length=64",
+            "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "trainer.log_interval=1",
+            "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=0", "logging.progress=false",
+            "logging.wandb.mode=disabled", *overrides]
+    if nprocs:
+        args.append(f"trainer.nprocs={nprocs}")
+    return [sys.executable, "-m", "recipes.pretrain", *map(str, args)]
+
+
+def pretrain(run_root: Path, data_root: Path, *overrides, nprocs: int | None = None, check: bool = True,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    return run(pretrain_command(run_root, data_root, *overrides, nprocs=nprocs), check=check, timeout=timeout)

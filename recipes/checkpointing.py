@@ -1,0 +1,244 @@
+"""Training checkpoints: model, optimizer, LR schedule, RNG and data position.
+
+Layout of a stage's run directory::
+
+    <stage dir>/checkpoints/iter_0000010/   megatron-core dist checkpoint + qwen3_model.json
+    <stage dir>/latest                     name of the newest complete checkpoint
+    <stage dir>/final.json                 written once the stage has finished
+
+A checkpoint directory is complete or absent: it is written as `iter_N.tmp` and renamed
+(model.checkpoint.save_sharded). `latest` is replaced atomically only after that rename,
+and old checkpoints are pruned only after `latest` moved on, so a crash at any instant
+leaves a loadable `latest`. The model weights inside are global tensors, so a checkpoint
+loads at any TP/PP/EP layout; so does the optimizer state (megatron-core's
+model-space sharding of it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from model.checkpoint import apply_model_state, is_checkpoint, model_sharded_state_dict, save_sharded
+from model.config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL = "final.json"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+# Optimizer state in a layout-independent form, so a resume may change TP/PP/EP/DP.
+# (megatron-core 0.16.1's default, fully_sharded_model_space, fails to save:
+# "ShardedTensor.flattened_range is not supported".)
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(stage_dir: Path) -> list[Path]:
+    """Complete checkpoints of a stage, oldest first (`.tmp` leftovers are ignored)."""
+    root = Path(stage_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _ITER.match(p.name)) and is_checkpoint(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The checkpoint `latest` names; the newest complete one if the pointer is unusable."""
+    stage_dir = Path(stage_dir)
+    pointer = stage_dir / LATEST
+    if pointer.is_file():
+        candidate = stage_dir / CHECKPOINTS / pointer.read_text().strip()
+        if is_checkpoint(candidate):
+            return candidate
+    found = complete_checkpoints(stage_dir)
+    return found[-1] if found else None
+
+
+def final_checkpoint(stage_dir: Path) -> Path:
+    """The checkpoint a finished stage ended with (what the next stage starts from)."""
+    marker = Path(stage_dir) / FINAL
+    if not marker.is_file():
+        latest = latest_checkpoint(stage_dir)
+        where = f"its latest checkpoint is {latest.name}" if latest else "it has no checkpoint"
+        raise ConfigError(f"stage in {stage_dir} has not finished ({FINAL} missing; {where}); "
+                          "finish it first or point init_from at a checkpoint directory")
+    return Path(stage_dir) / json.loads(marker.read_text())["checkpoint"]
+
+
+def resolve_init_from(init_from: str, run_dir: Path) -> Path:
+    """A checkpoint directory from `stage.init_from`.
+
+    Accepts the name of an earlier stage of the same run (`pretrain_s1`), a stage
+    directory, or a checkpoint directory (for example one written by model.convert).
+    """
+    candidates = [Path(run_dir) / init_from, Path(init_from)]
+    for path in candidates:
+        if is_checkpoint(path):
+            return path
+        if (path / FINAL).is_file() or (path / CHECKPOINTS).is_dir():
+            return final_checkpoint(path)
+    raise ConfigError(f"stage.init_from={init_from!r} is neither a stage of run {run_dir} nor a "
+                      "checkpoint directory (no metadata.json)")
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state) -> ShardedObject:
+    # One object per global rank: RNG streams differ by TP/PP rank, and a resume at the
+    # same world size puts every rank back where it was.
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _layout_signature() -> dict:
+    return {"world_size": dist.get_world_size(),
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "ep": parallel_state.get_expert_model_parallel_world_size()}
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _bare(chunks) -> list:
+    """The GPTModels inside megatron-core's DDP wrappers (whose state-dict keys carry a
+    `module.` prefix that the weights-only loaders do not expect)."""
+    return [getattr(c, "module", c) for c in chunks]
+
+
+def _sharded_state(engine, is_loading: bool) -> dict:
+    sharded = model_sharded_state_dict(_bare(engine.chunks))
+    sharded["optimizer"] = engine.optimizer.sharded_state_dict(sharded, is_loading=is_loading,
+                                                               metadata=OPTIMIZER_FORMAT)
+    return sharded
+
+
+def save_checkpoint(engine, stage_dir: Path, train_state: dict, keep_last: int) -> Path:
+    """Collective: save everything needed to continue this stage exactly."""
+    stage_dir = Path(stage_dir)
+    name = checkpoint_name(train_state["step"])
+    sharded = _sharded_state(engine, is_loading=False)
+    sharded["rng_state"] = _rng_sharded(_rng_state())
+    sharded["train_state"] = {**train_state, "scheduler": engine.scheduler.state_dict(),
+                              "layout": _layout_signature()}
+    path = save_sharded(sharded, stage_dir / CHECKPOINTS / name, engine.model_cfg,
+                        extra={"step": train_state["step"]})
+    if dist.get_rank() == 0:
+        write_atomic(stage_dir / LATEST, name + "\n")
+        for old in complete_checkpoints(stage_dir)[:-max(keep_last, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(engine, ckpt_dir: Path) -> dict:
+    """Collective: restore model, optimizer, schedule and (same layout only) RNG; return
+    the saved training state (step, consumed samples, counters)."""
+    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    if "train_state" not in common:
+        raise ConfigError(f"{ckpt_dir} holds weights only (no optimizer state); "
+                          "use it as stage.init_from, not as a resume point")
+    train_state = common["train_state"]
+    same_layout = train_state.get("layout") == _layout_signature()
+    init_torch_adam_state(engine.optimizer)
+    sharded = _sharded_state(engine, is_loading=True)
+    if same_layout:
+        sharded["rng_state"] = _rng_sharded(None)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    apply_model_state(_bare(engine.chunks), loaded)
+    load_optimizer(engine.optimizer, loaded["optimizer"])
+    engine.scheduler.load_state_dict(train_state["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return {k: v for k, v in train_state.items() if k not in ("scheduler", "layout")}
+
+
+def _torch_adams(optimizer):
+    """The torch Adam(W) optimizers inside megatron-core's (chained) optimizer, if any.
+
+    megatron-core falls back to them when neither apex nor TE is installed (the CPU path);
+    with TE or apex it uses their fused Adam, which the two fixes below leave alone.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
+def init_torch_adam_state(optimizer) -> None:
+    """Create the Adam state torch would create lazily at the first step (step 0, zero
+    moments), so that a fresh optimizer can describe its state for loading: megatron-core's
+    distributed optimizer asserts that every parameter has a `step` when it has no apex/TE."""
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state.get(p):
+                    adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                     "exp_avg_sq": torch.zeros_like(p)}
+
+
+def load_optimizer(optimizer, loaded) -> None:
+    """Load megatron-core optimizer state, working around its torch-Adam fallback.
+
+    Without apex/TE (the CPU path) the distributed optimizer's fully reshardable load
+    (a) copies every state entry including torch's per-parameter `step`, which the
+    checkpoint stores once per group, and fails with KeyError 'step'; and (b) hands one
+    shared `step` tensor to every parameter, which torch then increments once per
+    parameter, so a resumed run would silently diverge. Here the parameter state is
+    loaded with `step` set aside, and each parameter gets its own copy back.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(optimizers) == 1 else [loaded[k] for k in sorted(loaded)]
+    for opt, state in zip(optimizers, states):
+        adam = getattr(opt, "optimizer", None)
+        if not (isinstance(opt, DistributedOptimizer) and isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))):
+            opt.load_state_dict(state)
+            continue
+        state = dict(state)
+        param_state = state.pop("param_state")
+        assert state.pop("param_state_sharding_type") == OPTIMIZER_FORMAT["distrib_optim_sharding_type"]
+        opt.load_state_dict(state)             # param groups, LR, and the step count
+        steps = {p: st.pop("step") for p, st in adam.state.items()}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            adam.state[p]["step"] = step.detach().clone()

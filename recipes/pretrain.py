@@ -1,0 +1,69 @@
+"""Pretraining stages S1 (general), S2 (reasoning) and S3 (long context).
+
+    python -m recipes.pretrain stage=pretrain_s1 model=qwen3_1_7b parallel=qwen3_1_7b data.root=/data
+    python -m recipes.pretrain stage=pretrain_s2 model=qwen3_1_7b ...   # starts from S1's final checkpoint
+    python -m recipes.pretrain --cfg job stage=pretrain_s3                # print the resolved config
+
+The stages differ only in config (hydra_conf/stage/pretrain_s*.yaml); this module adds
+the pretraining data (a weighted blend of indexed datasets) to the shared loop.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from model.config import ConfigError
+from recipes import data as pretrain_data
+from recipes.train import Settings, Task, run
+
+
+class Pretrain:
+    name = "pretrain"
+    module = "recipes.pretrain"
+
+    def validate(self, cfg: DictConfig, s: Settings) -> None:
+        spec = pretrain_data.blend_spec(cfg.data)
+        for info in pretrain_data.check_data(spec):
+            if info["documents"] == 0:
+                raise ConfigError(f"dataset {info['prefix']} has no documents")
+        if int(cfg.data.eod_id) >= s.model.vocab_size:
+            raise ConfigError(f"data.eod_id={cfg.data.eod_id} is outside model.vocab_size={s.model.vocab_size}")
+
+    def task(self, cfg: DictConfig, s: Settings, engine) -> Task:
+        import torch
+        from megatron.core import parallel_state
+
+        spec = pretrain_data.blend_spec(cfg.data)
+        t = s.trainer
+        dataset = pretrain_data.build_dataset(
+            spec, seq_length=t.seq_length, num_samples=t.max_steps * t.global_batch_size, seed=int(cfg.seed),
+            vocab_size=s.model.vocab_size, eod_id=int(cfg.data.eod_id),
+            cache_dir=cfg.data.cache_dir or s.stage_dir / "data_cache", eod_mask_loss=bool(cfg.data.eod_mask_loss))
+        batches = pretrain_data.SampleBatches(
+            dataset, spec.names, t.global_batch_size, t.micro_batch_size,
+            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+
+        def batch_counts(micro: list[dict]) -> dict:
+            ids = torch.cat([m["dataset_id"] for m in micro]) if "dataset_id" in micro[0] else None
+            if ids is None:  # a single dataset: every sample is from it
+                return {spec.names[0]: torch.tensor([float(sum(m["tokens"].shape[0] for m in micro))])}
+            return {name: (ids == i).sum().reshape(1).double() for i, name in enumerate(spec.names)}
+
+        def summarize(counts: dict) -> dict:
+            total = sum(counts.values()) or 1
+            return {f"data/{name}": counts.get(name, 0) / total for name in spec.names}
+
+        return Task(batches=batches, batch_counts=batch_counts, summarize=summarize,
+                    tokens_per_step=t.global_batch_size * t.seq_length)
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    sys.exit(run(cfg, Pretrain()))
+
+
+if __name__ == "__main__":
+    main()

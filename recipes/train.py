@@ -1,0 +1,366 @@
+"""The one training loop. Every stage (pretraining, SFT, RL, distillation) runs it.
+
+A stage is a `Recipe`: it validates its own config before anything starts, and builds a
+`Task` once the model exists: where each step's batches come from, the loss, and any
+metrics of its own. Everything else lives here, once:
+
+- config checks (layout, batch sizes, precision, data) before any process or GPU is used;
+- multi-process launch (re-runs itself under torchrun when the layout needs more ranks);
+- engine: megatron-core model, DDP, optimizer and LR schedule (recipes.engine);
+- resume from the stage's `latest` checkpoint, or weights from `stage.init_from`;
+- NaN/Inf guard, logging, periodic atomic checkpoints, and stopping cleanly on SIGTERM/USR1;
+- a `final.json` marker when the stage is done, which the next stage starts from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from model.config import ConfigError, ModelConfig, ParallelConfig, model_config_from_dict
+from model.parallel import layout_problems, minimum_world_size, te_available
+
+# Exit code after a clean stop on SIGTERM/SIGUSR1 with the checkpoint written: "try again"
+# (EX_TEMPFAIL), so a batch script can tell preemption from failure and requeue.
+EXIT_PREEMPTED = 75
+EXIT_CONFIG = 2
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp8_delayed", "fp8_tensorwise", "fp8_blockwise", "mxfp8")
+# TE's FP8 formats: delayed and tensorwise scaling use E4M3 forward / E5M2 backward
+# ("hybrid"); the block-scaled recipes are E4M3 throughout.
+_FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
+
+
+@dataclass
+class TrainerConfig:
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    max_steps: int = 100
+    log_interval: int = 1
+    save_interval: int = 50
+    keep_last: int = 2
+    # "auto": continue this stage from its latest checkpoint when there is one; "never".
+    resume: str = "auto"
+    # Activation recompute: "none", "selective" (attention core) or "full" (every layer).
+    recompute: str = "none"
+    # Non-finite loss: "skip" the update and count it, aborting after max_nan_steps in
+    # total; "abort" at the first one. The last good checkpoint is kept either way.
+    nan_policy: str = "skip"
+    max_nan_steps: int = 10
+    # Processes to start when launched as a single process; None: what the layout needs.
+    nprocs: int | None = None
+    # Fault injection for testing the NaN guard: steps whose loss is made NaN.
+    inject_nan_at_steps: list = field(default_factory=list)
+
+
+@dataclass
+class Task:
+    """What a stage plugs into the loop."""
+
+    # consumed samples -> this data-parallel rank's micro-batches for the next step
+    batches: Callable[[int], list[dict]]
+    loss_fn: Callable | None = None
+    # per-step metrics from this rank's micro-batches: {name: tensor to sum over DP ranks}
+    batch_counts: Callable[[list[dict]], dict] | None = None
+    # counters -> metrics to log (e.g. data-mix fractions)
+    summarize: Callable[[dict], dict] | None = None
+    tokens_per_step: int = 0
+
+
+class Recipe(Protocol):
+    name: str        # the value of stage.recipe this recipe runs
+    module: str      # `python -m` module, for re-launching under torchrun
+
+    def validate(self, cfg: DictConfig, settings: "Settings") -> None: ...
+
+    def task(self, cfg: DictConfig, settings: "Settings", engine) -> Task: ...
+
+
+@dataclass
+class Settings:
+    model: ModelConfig
+    parallel: ParallelConfig
+    trainer: TrainerConfig
+    optim: object
+    precision: str
+    stage_dir: Path
+    run_dir: Path
+
+
+def _typed(cls, node, where: str):
+    data = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}")
+    return cls(**data)
+
+
+def settings_from(cfg: DictConfig) -> Settings:
+    """Typed, checked settings from the composed config (no torch.distributed needed)."""
+    from recipes.engine import OptimConfig
+
+    model = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    parallel = _typed(ParallelConfig, cfg.parallel, "parallel")
+    trainer = _typed(TrainerConfig, cfg.trainer, "trainer")
+    optim = _typed(OptimConfig, cfg.optim, "optim").check()
+    run_dir = Path(str(cfg.run.root)) / str(cfg.run.name)
+    return Settings(model, parallel, trainer, optim, str(cfg.precision), run_dir / str(cfg.stage.name), run_dir)
+
+
+def check_settings(s: Settings, world_size: int) -> None:
+    """Every generic reason this run cannot start, as one ConfigError line."""
+    t = s.trainer
+    problems = layout_problems(s.model, s.parallel, world_size, t.seq_length, use_te=te_available())
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_steps", "save_interval",
+                 "log_interval", "keep_last"):
+        if getattr(t, name) < 1:
+            problems.append(f"trainer.{name}={getattr(t, name)} must be >= 1")
+    if not problems:
+        dp = world_size // (s.parallel.tp * s.parallel.pp * s.parallel.cp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            problems.append(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"micro_batch_size*dp={t.micro_batch_size}*{dp}")
+    if t.resume not in ("auto", "never"):
+        problems.append(f"trainer.resume={t.resume!r} must be 'auto' or 'never'")
+    if t.recompute not in ("none", "selective", "full"):
+        problems.append(f"trainer.recompute={t.recompute!r} must be none, selective or full")
+    if t.nan_policy not in ("skip", "abort"):
+        problems.append(f"trainer.nan_policy={t.nan_policy!r} must be 'skip' or 'abort'")
+    try:
+        s.optim.schedule(t.max_steps)
+    except ConfigError as e:
+        problems.append(str(e))
+    if s.precision not in PRECISIONS:
+        problems.append(f"precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def resolve_precision(precision: str, cuda: bool, te: bool) -> tuple[str, dict, str | None]:
+    """(dtype name, TransformerConfig overrides, note for the user) for `precision=`."""
+    import torch
+
+    if precision == "auto":
+        return ("bf16" if cuda else "fp32"), {}, None
+    if precision in ("fp32", "bf16"):
+        return precision, {}, None
+    recipe = precision.removeprefix("fp8_")
+    if not cuda:
+        return "fp32", {}, (f"precision={precision} needs Transformer Engine on a CUDA GPU; this machine has "
+                            "no CUDA, so FP8 is off and the run uses fp32")
+    if not te:
+        raise ConfigError(f"precision={precision} needs Transformer Engine, which is not importable here "
+                          "(use NVIDIA's PyTorch container, or precision=bf16)")
+    if recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
+        raise ConfigError("precision=mxfp8 needs a Blackwell GPU (compute capability 10+); "
+                          "use fp8_blockwise or fp8_delayed on Hopper")
+    overrides = {"fp8": _FP8_FORMAT[recipe], "fp8_recipe": recipe}
+    if recipe == "delayed":
+        overrides.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return "bf16", overrides, None
+
+
+def recompute_overrides(mode: str) -> dict:
+    if mode == "selective":
+        return {"recompute_granularity": "selective"}
+    if mode == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def starting_point(cfg: DictConfig, s: Settings) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume this stage from, checkpoint to take initial weights from).
+
+    A stage with a checkpoint of its own continues from it (a restart after a crash or a
+    requeue); otherwise it starts from `stage.init_from`, or from random weights.
+    """
+    from recipes import checkpointing as ckpt
+
+    resume_from = ckpt.latest_checkpoint(s.stage_dir) if s.trainer.resume == "auto" else None
+    if resume_from is None and cfg.stage.get("init_from"):
+        return None, ckpt.resolve_init_from(str(cfg.stage.init_from), s.run_dir)
+    return resume_from, None
+
+
+class _StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit or preemption) ask the
+    loop to finish the current step, checkpoint and exit with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def run(cfg: DictConfig, recipe: Recipe) -> int:
+    """Validate, launch, train. Returns the process exit code."""
+    try:
+        if str(cfg.stage.recipe) != recipe.name:
+            raise ConfigError(f"stage {cfg.stage.name} is a {cfg.stage.recipe} stage; "
+                              f"run it with python -m recipes.{cfg.stage.recipe}")
+        s = settings_from(cfg)
+        launched = "WORLD_SIZE" in os.environ
+        nprocs = s.trainer.nprocs or minimum_world_size(s.parallel)
+        world_size = int(os.environ["WORLD_SIZE"]) if launched else nprocs
+        check_settings(s, world_size)
+        starting_point(cfg, s)
+        recipe.validate(cfg, s)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not launched and nprocs > 1:
+        from model.launch import relaunch_if_needed
+
+        relaunch_if_needed(recipe.module, sys.argv[1:], nprocs)  # exits with the workers' code
+    return _train(cfg, recipe, s)
+
+
+def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from model.checkpoint import load_model
+    from model.parallel import destroy_distributed, init_distributed
+    from recipes import checkpointing as ckpt
+    from recipes.engine import build_engine
+    from recipes.run_log import RunLog
+
+    stop = _StopFlag()
+    init_distributed(s.parallel, seed=int(cfg.seed), model=s.model)
+    rank0 = dist.get_rank() == 0
+    dtype_name, fp8, note = resolve_precision(s.precision, torch.cuda.is_available(), te_available())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t = s.trainer
+
+    resume_from, init_from = starting_point(cfg, s)
+    engine = build_engine(s.model, s.parallel, s.optim, dtype=dtype, max_steps=t.max_steps,
+                          init=(lambda chunks: load_model(chunks, init_from)) if init_from else None,
+                          **fp8, **recompute_overrides(t.recompute))
+    state = {"step": 0, "consumed_samples": 0, "nan_steps": 0, "counts": {}}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(engine, resume_from))
+
+    if rank0:
+        s.stage_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomic(s.stage_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    dist.barrier()
+    task = recipe.task(cfg, s, engine)
+    if task.loss_fn is not None:
+        engine.loss_fn = task.loss_fn
+    log = RunLog(s.stage_dir, str(cfg.run.name), str(cfg.stage.name), OmegaConf.to_container(cfg, resolve=True),
+                 state["step"], t.max_steps, t.log_interval, OmegaConf.to_container(cfg.logging.wandb),
+                 bool(cfg.logging.progress), enabled=rank0)
+    if note:
+        log.message(note)
+    if resume_from is not None:
+        log.message(f"resumed {cfg.stage.name} from {resume_from} at step {state['step']}")
+    elif init_from is not None:
+        log.message(f"initialised {cfg.stage.name} from {init_from} (weights only)")
+
+    nan_loss = _nan_injector(engine, t.inject_nan_at_steps)
+    dp_group = parallel_state.get_data_parallel_group()
+    exit_code = 0
+    try:
+        while state["step"] < t.max_steps:
+            step = state["step"] + 1
+            started = time.perf_counter()
+            micro = task.batches(state["consumed_samples"])
+            with nan_loss(step):
+                metrics = engine.train_step(micro)
+            if task.batch_counts is not None:
+                device = next(engine.chunks[0].parameters()).device
+                counts = {k: v.to(device, torch.float64) for k, v in task.batch_counts(micro).items()}
+                for name, value in counts.items():
+                    dist.all_reduce(value, group=dp_group)
+                    state["counts"][name] = state["counts"].get(name, 0) + value.item()
+            if metrics["skipped"] or not metrics["update_successful"]:
+                state["nan_steps"] += 1
+                log.message(f"step {step}: non-finite loss {metrics['loss']}; update skipped "
+                            f"({state['nan_steps']}/{t.max_nan_steps})")
+                if t.nan_policy == "abort" or state["nan_steps"] >= t.max_nan_steps:
+                    log.event("abort", step=step, nan_steps=state["nan_steps"])
+                    log.message(f"aborting: {state['nan_steps']} non-finite steps; last good checkpoint: "
+                                f"{ckpt.latest_checkpoint(s.stage_dir)}")
+                    exit_code = 1
+                    break
+            state["step"] = step
+            state["consumed_samples"] += t.global_batch_size
+            elapsed = time.perf_counter() - started
+            metrics.update(step_time_s=elapsed, tokens_per_s=task.tokens_per_step / elapsed,
+                           nan_steps=state["nan_steps"], consumed_samples=state["consumed_samples"])
+            if task.summarize is not None:
+                metrics.update(task.summarize(state["counts"]))
+            log.step(step, metrics)
+
+            stopping = _agreed_stop(stop, torch, dist)
+            if step % t.save_interval == 0 or step == t.max_steps or stopping:
+                ckpt.save_checkpoint(engine, s.stage_dir, state, t.keep_last)
+            if stopping:
+                log.event("stopped", step=step, signal=int(stop.signal or 0))
+                log.message(f"stopped by signal after step {step}; checkpoint saved")
+                exit_code = EXIT_PREEMPTED
+                break
+        else:
+            if rank0:
+                last = ckpt.latest_checkpoint(s.stage_dir)
+                ckpt.write_atomic(s.stage_dir / ckpt.FINAL, json_dumps(
+                    {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"]}))
+            log.event("finished", step=state["step"])
+    finally:
+        log.close()
+    destroy_distributed()
+    return exit_code
+
+
+def json_dumps(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _agreed_stop(stop: _StopFlag, torch, dist) -> bool:
+    """Whether any rank was signalled; every rank must take the same branch."""
+    flag = torch.tensor([1.0 if stop.signal else 0.0],
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _nan_injector(engine, steps: list):
+    """Context manager factory making the loss of the listed steps NaN (fault injection)."""
+    import contextlib
+
+    wanted = {int(x) for x in steps}
+
+    @contextlib.contextmanager
+    def at(step: int):
+        if step not in wanted:
+            yield
+            return
+        original = engine.loss_fn
+
+        def poisoned(batch, output):
+            loss, count, report = original(batch, output)
+            nan = loss * float("nan")
+            return nan, count, {k: v * float("nan") for k, v in report.items()}
+
+        engine.loss_fn = poisoned
+        try:
+            yield
+        finally:
+            engine.loss_fn = original
+
+    return at

@@ -1,0 +1,87 @@
+"""The S1 -> S2 -> S3 pretraining chain on CPU, through the real entry point.
+
+Every run goes through `python -m recipes.pretrain` with Hydra overrides, on data made
+by the project's own corpus generator and preprocessor with the real Qwen3 tokenizer.
+"""
+
+import json
+
+import pytest
+
+from recipes.run_log import read_metrics
+from tests.conftest import pretrain, read_json
+
+STEPS = {"pretrain_s1": 10, "pretrain_s2": 3, "pretrain_s3": 3}
+
+
+def run_chain(run_root, data_root, model, *extra, nprocs=None):
+    for stage, steps in STEPS.items():
+        # The S3 smoke: 128-token samples from length buckets scaled down like the data.
+        more = ["trainer.seq_length=128", "data.length_mix.buckets=[64,128,256]"] if stage == "pretrain_s3" else []
+        proc = pretrain(run_root, data_root, f"stage={stage}", f"model={model}", f"trainer.max_steps={steps}",
+                 "trainer.save_interval=100", *more, *extra, nprocs=nprocs)
+        previous = {"pretrain_s2": "pretrain_s1", "pretrain_s3": "pretrain_s2"}.get(stage)
+        if previous:  # found by stage name in the run directory, not by a typed path
+            assert f"initialised {stage} from {run_root / model / previous}/checkpoints/" in proc.stderr
+    return run_root / model
+
+
+def check_chain(run, model):
+    """What every chain must show, whatever the model and layout."""
+    metrics = {stage: read_metrics(run / stage) for stage in STEPS}
+    for stage, steps in STEPS.items():
+        final = read_json(run / stage / "final.json")
+        assert final["step"] == steps, stage
+        assert sorted(metrics[stage]) == list(range(1, steps + 1)), stage
+    s1 = [metrics["pretrain_s1"][i]["loss"] for i in range(1, STEPS["pretrain_s1"] + 1)]
+    # Loss decreases over S1 (random init starts near ln(151936) = 11.9).
+    assert s1[0] > 11.0 and sum(s1[-3:]) / 3 < sum(s1[:3]) / 3 - 0.5, s1
+    # Each later stage starts from the previous one's weights: its first loss is well
+    # below a fresh model's (S3 less so: new RoPE base, long code documents).
+    assert metrics["pretrain_s2"][1]["loss"] < s1[0] - 0.5
+    assert metrics["pretrain_s3"][1]["loss"] < s1[0] - 0.25
+    config = json.loads((run / "pretrain_s2" / "checkpoints" / "iter_0000003" / "qwen3_model.json").read_text())
+    assert config["model"]["rope_theta"] == 10000.0
+    s3_final = run / "pretrain_s3" / read_json(run / "pretrain_s3" / "final.json")["checkpoint"]
+    assert read_json(s3_final / "qwen3_model.json")["model"]["rope_theta"] == 1_000_000.0
+    # S3 draws 75% of its samples from the long bucket and 25% from the shorter one.
+    last = metrics["pretrain_s3"][STEPS["pretrain_s3"]]
+    assert last["data/long_len128-256"] == pytest.approx(0.75, abs=0.09)
+    assert last["data/long_len64-128"] == pytest.approx(0.25, abs=0.09)
+    # S2's blend is the reasoning mix.
+    s2 = metrics["pretrain_s2"][STEPS["pretrain_s2"]]
+    assert s2["data/math"] > 0.2 and s2["data/code"] > 0.2
+    return metrics
+
+
+def test_tiny_chain(tmp_path, pretrain_data):
+    run = run_chain(tmp_path, pretrain_data, "tiny")
+    check_chain(run, "tiny")
+
+
+def test_tiny_moe_chain(tmp_path, pretrain_data):
+    run = run_chain(tmp_path, pretrain_data, "tiny_moe")
+    metrics = check_chain(run, "tiny_moe")
+    step = metrics["pretrain_s1"][1]
+    assert step["moe/global_load_balancing_loss"] > 0
+    assert step["moe/expert_load_max_over_mean"] >= 1.0
+
+
+@pytest.mark.parametrize("model,layout", [("tiny", "parallel.tp=2"), ("tiny_moe", "parallel.pp=2")])
+def test_chain_on_two_ranks(tmp_path, pretrain_data, model, layout):
+    run = run_chain(tmp_path, pretrain_data, model, layout, nprocs=2)
+    check_chain(run, model)
+
+
+def test_recompute_and_wandb_offline(tmp_path, pretrain_data):
+    """Full activation recompute changes memory, not results; wandb logs offline by default."""
+    common = ["model=tiny", "trainer.max_steps=2", "trainer.save_interval=100"]
+    pretrain(tmp_path / "plain", pretrain_data, *common, "logging.wandb.mode=offline")
+    pretrain(tmp_path / "recompute", pretrain_data, *common, "trainer.recompute=full")
+    plain = read_metrics(tmp_path / "plain" / "tiny" / "pretrain_s1")
+    recomputed = read_metrics(tmp_path / "recompute" / "tiny" / "pretrain_s1")
+    for step in (1, 2):
+        assert recomputed[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-6)
+        assert recomputed[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-5)
+    runs = list((tmp_path / "plain" / "tiny" / "pretrain_s1" / "wandb").glob("offline-run-*/*.wandb"))
+    assert runs and runs[0].stat().st_size > 0

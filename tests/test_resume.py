@@ -1,0 +1,105 @@
+"""Exact resume: a run killed with SIGKILL and restarted gives the uninterrupted run's
+losses bit for bit; checkpoints move between layouts; the NaN guard; launch-time errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recipes.run_log import read_metrics
+from recipes.checkpointing import complete_checkpoints
+from tests.conftest import REPO, _env, pretrain, pretrain_command, read_json
+
+STEPS = 8
+
+
+def losses(stage_dir):
+    return {step: m["loss"] for step, m in read_metrics(stage_dir).items()}
+
+
+def start(run_root, data_root, *overrides):
+    """The command `pretrain` runs, as a process we can kill."""
+    return subprocess.Popen(pretrain_command(run_root, data_root, *overrides), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("model,dist_opt", [("tiny", True), ("tiny_moe", False)])
+def test_sigkill_resume_is_bit_exact(tmp_path, pretrain_data, model, dist_opt):
+    common = [f"model={model}", f"trainer.max_steps={STEPS}", "trainer.save_interval=1",
+              "trainer.micro_batch_size=2", f"optim.use_distributed_optimizer={str(dist_opt).lower()}"]
+    ref = start(tmp_path / "ref", pretrain_data, *common)
+    victim = start(tmp_path / "victim", pretrain_data, *common)
+    stage = tmp_path / "victim" / model / "pretrain_s1"
+    deadline = time.time() + 300
+    # Kill once step 3 is logged: the process is then somewhere between the end of
+    # step 3 and a later step, possibly mid-save.
+    while 3 not in read_metrics(stage) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()[-3000:]
+    assert not (stage / "final.json").exists(), "the run finished before it was killed"
+    killed_at = max(read_metrics(stage))
+    resumed_from = int((stage / "latest").read_text().strip().removeprefix("iter_"))
+    assert 1 <= resumed_from <= killed_at < STEPS
+
+    assert ref.wait() == 0, ref.stderr.read()[-3000:]
+    proc = pretrain(tmp_path / "victim", pretrain_data, *common)
+    assert "resumed pretrain_s1 from" in proc.stderr
+    expected, got = losses(tmp_path / "ref" / model / "pretrain_s1"), losses(stage)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    # Bit-identical: JSON floats round-trip exactly.
+    assert {s: got[s] for s in got if s > resumed_from} == {s: expected[s] for s in expected if s > resumed_from}
+    # keep_last=2: older checkpoints pruned, the newest complete ones kept.
+    assert [p.name for p in complete_checkpoints(stage)] == [f"iter_{STEPS - 1:07d}", f"iter_{STEPS:07d}"]
+
+
+def test_tp2_checkpoint_resumes_at_tp1(tmp_path, pretrain_data):
+    # A fixed decay length, so that runs of 3 and 4 steps share one LR schedule.
+    common = ["model=tiny", "optim.decay_steps=10", "trainer.save_interval=1"]
+    pretrain(tmp_path / "ref", pretrain_data, *common, "trainer.max_steps=4", "parallel.tp=2", nprocs=2)
+    pretrain(tmp_path / "moved", pretrain_data, *common, "trainer.max_steps=3", "parallel.tp=2", nprocs=2)
+    proc = pretrain(tmp_path / "moved", pretrain_data, *common, "trainer.max_steps=4")
+    assert "resumed pretrain_s1" in proc.stderr and "at step 3" in proc.stderr
+    ref = losses(tmp_path / "ref" / "tiny" / "pretrain_s1")
+    moved = losses(tmp_path / "moved" / "tiny" / "pretrain_s1")
+    assert moved[3] == ref[3]
+    assert moved[4] == pytest.approx(ref[4], rel=1e-6, abs=1e-6)
+    assert moved[4] != moved[3]
+
+
+def test_nan_guard_skips_then_aborts(tmp_path, pretrain_data):
+    common = ["model=tiny", "trainer.max_steps=4", "trainer.save_interval=1", "precision=fp8_delayed"]
+    proc = pretrain(tmp_path / "skip", pretrain_data, *common, "trainer.inject_nan_at_steps=[2]")
+    # On CPU, FP8 cannot take effect: the run says so and trains in fp32.
+    assert "precision=fp8_delayed needs Transformer Engine on a CUDA GPU" in proc.stderr
+    m = read_metrics(tmp_path / "skip" / "tiny" / "pretrain_s1")
+    assert m[2]["skipped"] and m[2]["nan_steps"] == 1 and not m[3]["skipped"]
+    assert all(m[s]["loss"] == m[s]["loss"] for s in (1, 3, 4))  # finite again after the skip
+    assert read_json(tmp_path / "skip" / "tiny" / "pretrain_s1" / "final.json")["step"] == 4
+
+    proc = pretrain(tmp_path / "abort", pretrain_data, *common, "trainer.inject_nan_at_steps=[3]",
+                    "trainer.nan_policy=abort", check=False)
+    assert proc.returncode == 1
+    stage = tmp_path / "abort" / "tiny" / "pretrain_s1"
+    assert "aborting: 1 non-finite steps" in proc.stderr
+    assert (stage / "latest").read_text().strip() == "iter_0000002"
+    assert not (stage / "final.json").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.tp=3"], "num_attention_heads=4 is not divisible by tp=3"),
+    (["trainer.global_batch_size=3", "trainer.micro_batch_size=2"], "global_batch_size=3 is not divisible"),
+    (["+data.blend.nosuch=1.0"], "nosuch"),
+    (["stage=pretrain_s2", "run.name=fresh"], "init_from='pretrain_s1' is neither a stage of run"),
+    (["optim.decay_style=exp"], "optim.decay_style='exp'"),
+])
+def test_bad_config_fails_before_training(tmp_path, pretrain_data, overrides, message):
+    proc = pretrain(tmp_path, pretrain_data, "trainer.max_steps=2", *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").rglob("metrics.jsonl"))
