@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-slow test-all params clean
+.PHONY: setup test test-slow test-all params bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test-all: setup
 # Parameter-count table of the published sizes.
 params: setup
 	$(PY) -m model.params
+
+# Preprocessing throughput, 1 vs 2 tokenizer workers, on a generated corpus.
+bench-data: setup
+	$(PY) -m data_pipeline.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

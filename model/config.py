@@ -126,7 +126,8 @@ def _load_yaml(path: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
-def _from_dict(cls, data: dict, where: str):
+def from_dict(cls, data: dict, where: str):
+    """A config dataclass from a dict, with unknown keys reported by name."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -148,7 +149,7 @@ def load_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
                 f"unknown model {name_or_path!r}; available: {', '.join(available_models())}")
     data = _load_yaml(path)
     data.update(overrides)
-    return _from_dict(ModelConfig, data, str(path)).check()
+    return from_dict(ModelConfig, data, str(path)).check()
 
 
 def load_parallel_config(name_or_path: str, **overrides: Any) -> ParallelConfig:
@@ -158,7 +159,7 @@ def load_parallel_config(name_or_path: str, **overrides: Any) -> ParallelConfig:
         path = HYDRA_CONF / "parallel" / f"{name_or_path}.yaml"
     data = _load_yaml(path)
     data.update(overrides)
-    return _from_dict(ParallelConfig, data, str(path))
+    return from_dict(ParallelConfig, data, str(path))
 
 
 # ----------------------------------------------------------------------------- HF config
@@ -288,4 +289,4 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    return _from_dict(ModelConfig, dict(data), "model config").check()
+    return from_dict(ModelConfig, dict(data), "model config").check()

@@ -14,6 +14,7 @@ metrics of its own. Everything else lives here, once:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ from typing import Callable, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from model.config import ConfigError, ModelConfig, ParallelConfig, model_config_from_dict
+from model.config import ConfigError, ModelConfig, ParallelConfig, from_dict, model_config_from_dict
 from model.parallel import layout_problems, minimum_world_size, te_available
 
 # Exit code after a clean stop on SIGTERM/SIGUSR1 with the checkpoint written: "try again"
@@ -96,12 +97,7 @@ class Settings:
 
 
 def _typed(cls, node, where: str):
-    data = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    known = {f for f in cls.__dataclass_fields__}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}")
-    return cls(**data)
+    return from_dict(cls, OmegaConf.to_container(node, resolve=True) if node is not None else {}, where)
 
 
 def settings_from(cfg: DictConfig) -> Settings:
@@ -316,19 +312,13 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
         else:
             if rank0:
                 last = ckpt.latest_checkpoint(s.stage_dir)
-                ckpt.write_atomic(s.stage_dir / ckpt.FINAL, json_dumps(
-                    {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"]}))
+                ckpt.write_atomic(s.stage_dir / ckpt.FINAL, json.dumps(
+                    {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"]}, indent=2) + "\n")
             log.event("finished", step=state["step"])
     finally:
         log.close()
     destroy_distributed()
     return exit_code
-
-
-def json_dumps(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2) + "\n"
 
 
 def _agreed_stop(stop: _StopFlag, torch, dist) -> bool:

@@ -50,3 +50,11 @@ def test_stage_chain_changes_what_the_report_says():
     assert list(s3.data.length_mix.weights) == [0.25, 0.75]
     assert s3.model.yarn is False
     assert composed("stage=pretrain_s3", "model.yarn=true").model.yarn is True
+
+
+def test_cfg_job_prints_the_resolved_stage_config():
+    from tests.conftest import python_module
+
+    out = python_module("recipes.pretrain", "--cfg", "job", "--resolve", "stage=s3", "model=qwen3_8b").stdout
+    assert "seq_length: 32768" in out and "rope_theta: 1000000.0" in out and "name: qwen3_8b" in out
+    assert "init_from: pretrain_s2" in out

@@ -67,7 +67,11 @@ def test_tiny_moe_chain(tmp_path, pretrain_data):
     assert step["moe/expert_load_max_over_mean"] >= 1.0
 
 
-@pytest.mark.parametrize("model,layout", [("tiny", "parallel.tp=2"), ("tiny_moe", "parallel.pp=2")])
+@pytest.mark.parametrize("model,layout", [
+    ("tiny", "parallel.tp=2"),
+    # PP is covered per step by test_train_step; the PP chain is the slower twin.
+    pytest.param("tiny_moe", "parallel.pp=2", marks=pytest.mark.slow),
+])
 def test_chain_on_two_ranks(tmp_path, pretrain_data, model, layout):
     run = run_chain(tmp_path, pretrain_data, model, layout, nprocs=2)
     check_chain(run, model)

@@ -103,3 +103,21 @@ def test_bad_config_fails_before_training(tmp_path, pretrain_data, overrides, me
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").rglob("metrics.jsonl"))
+
+
+def test_sigterm_checkpoints_and_exits_75(tmp_path, pretrain_data):
+    """SLURM's warning signal: finish the step, checkpoint, exit with EXIT_PREEMPTED."""
+    common = ["model=tiny", "trainer.max_steps=12", "trainer.save_interval=100"]
+    proc = start(tmp_path, pretrain_data, *common)
+    stage = tmp_path / "tiny" / "pretrain_s1"
+    deadline = time.time() + 300
+    while 2 not in read_metrics(stage) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75, proc.stderr.read()[-3000:]
+    stopped = max(read_metrics(stage))
+    assert stopped < 12 and (stage / "latest").read_text().strip() == f"iter_{stopped:07d}"
+    assert not (stage / "final.json").exists()
+    pretrain(tmp_path, pretrain_data, *common)
+    assert read_json(stage / "final.json")["step"] == 12
+    assert sorted(read_metrics(stage)) == list(range(1, 13))
