@@ -137,6 +137,13 @@ def check_settings(s: Settings, world_size: int) -> None:
         problems.append(str(e))
     if s.precision not in PRECISIONS:
         problems.append(f"precision={s.precision!r} is not one of {', '.join(PRECISIONS)}")
+    else:
+        import torch
+
+        try:
+            resolve_precision(s.precision, torch.cuda.is_available(), te_available())
+        except ConfigError as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -121,3 +121,17 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, pretrain_data):
     pretrain(tmp_path, pretrain_data, *common)
     assert read_json(stage / "final.json")["step"] == 12
     assert sorted(read_metrics(stage)) == list(range(1, 13))
+
+
+def test_precision_choices():
+    from model.config import ConfigError
+    from recipes.train import resolve_precision
+
+    assert resolve_precision("auto", cuda=False, te=False)[0] == "fp32"
+    assert resolve_precision("auto", cuda=True, te=True)[0] == "bf16"
+    dtype, overrides, note = resolve_precision("fp8_blockwise", cuda=False, te=False)
+    assert dtype == "fp32" and overrides == {} and "no CUDA" in note
+    with pytest.raises(ConfigError, match="needs Transformer Engine"):
+        resolve_precision("fp8_delayed", cuda=True, te=False)
+    dtype, overrides, note = resolve_precision("fp8_delayed", cuda=True, te=True)
+    assert dtype == "bf16" and overrides["fp8_recipe"] == "delayed" and overrides["fp8"] == "hybrid" and note is None
