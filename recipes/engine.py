@@ -91,10 +91,10 @@ class Engine:
     parallel: ParallelConfig
     chunks: list                       # DDP-wrapped GPTModel per virtual pipeline stage
     optimizer: object
-    scheduler: object = None           # megatron-core OptimizerParamScheduler
+    scheduler: OptimizerParamScheduler
     loss_fn: Callable = field(default=masked_lm_loss)
     steps: int = 0
-    _load_ratio: float = 0.0
+    _load_ratio: torch.Tensor | None = None   # set by finalize_grads for the MoE metric
 
     def _forward_step(self, data_iterator, model):
         device = next(model.parameters()).device
@@ -134,7 +134,7 @@ class Engine:
             # Every rank knows the loss, so all skip together; grads are dropped next step.
             return {**metrics, "grad_norm": float("nan"), "update_successful": False, "skipped": True}
         update_successful, grad_norm, _ = self.optimizer.step()
-        if self.scheduler is not None and update_successful:
+        if update_successful:
             self.scheduler.step(increment=1)
         self.steps += 1
         return {**metrics, "grad_norm": float(grad_norm or 0.0), "update_successful": bool(update_successful),
@@ -153,8 +153,9 @@ class Engine:
         """Max/mean tokens per expert over this step's global batch, worst layer."""
         if self.model_cfg.moe_aux_loss_type != "global_aux_loss":
             return {}
-        worst = torch.tensor([self._load_ratio], dtype=torch.float64,
-                             device=next(self.chunks[0].parameters()).device)
+        device = next(self.chunks[0].parameters()).device
+        worst = (self._load_ratio if self._load_ratio is not None else torch.zeros(())).to(device, torch.float64)
+        worst = worst.reshape(1)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
         return {"moe/expert_load_max_over_mean": worst.item()}
 
@@ -165,12 +166,11 @@ class Engine:
         global balancing loss, and finalize_model_grads clears those counts; this is the
         last moment they can be read.
         """
-        self._load_ratio = 0.0
-        for chunk in self.chunks:
-            for module in chunk.modules():
-                counts = getattr(module, "global_tokens_per_expert", None)
-                if counts is not None and counts.sum() > 0:
-                    self._load_ratio = max(self._load_ratio, (counts.max() / counts.mean()).item())
+        ratios = [counts.max() / counts.mean().clamp(min=1e-9)
+                  for chunk in self.chunks for module in chunk.modules()
+                  if (counts := getattr(module, "global_tokens_per_expert", None)) is not None]
+        # One tensor, no host sync here; _expert_load reads it once per step.
+        self._load_ratio = torch.stack(ratios).max() if ratios else None
         return finalize_model_grads(model, *args, **kwargs)
 
 

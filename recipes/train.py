@@ -284,11 +284,12 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
             with nan_loss(step):
                 metrics = engine.train_step(micro)
             if task.batch_counts is not None:
+                counts = task.batch_counts(micro)
                 device = next(engine.chunks[0].parameters()).device
-                counts = {k: v.to(device, torch.float64) for k, v in task.batch_counts(micro).items()}
-                for name, value in counts.items():
-                    dist.all_reduce(value, group=dp_group)
-                    state["counts"][name] = state["counts"].get(name, 0) + value.item()
+                totals = torch.cat([v.reshape(-1) for v in counts.values()]).to(device, torch.float64)
+                dist.all_reduce(totals, group=dp_group)  # one collective for every counter
+                for name, value in zip(counts, totals.tolist()):
+                    state["counts"][name] = state["counts"].get(name, 0) + value
             if metrics["skipped"] or not metrics["update_successful"]:
                 state["nan_steps"] += 1
                 log.message(f"step {step}: non-finite loss {metrics['loss']}; update skipped "
@@ -308,7 +309,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
                 metrics.update(task.summarize(state["counts"]))
             log.step(step, metrics)
 
-            stopping = _agreed_stop(stop, torch, dist)
+            stopping = _agreed_stop(stop)
             if step % t.save_interval == 0 or step == t.max_steps or stopping:
                 ckpt.save_checkpoint(engine, s.stage_dir, state, t.keep_last)
             if stopping:
@@ -328,8 +329,11 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     return exit_code
 
 
-def _agreed_stop(stop: _StopFlag, torch, dist) -> bool:
+def _agreed_stop(stop: _StopFlag) -> bool:
     """Whether any rank was signalled; every rank must take the same branch."""
+    import torch
+    import torch.distributed as dist
+
     flag = torch.tensor([1.0 if stop.signal else 0.0],
                         device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
