@@ -363,6 +363,43 @@ def write_corpus(out_dir, seed: int = 0, scale: int = 1) -> dict[str, Path]:
     return paths
 
 
+def addition_problem(a: int, b: int) -> dict:
+    """A verifiable chat task: column addition, the digit sums (right to left, with carries)
+    as the reasoning and the sum in \\boxed{} as the answer, for the math verifier.
+
+    {"messages": [user, assistant(reasoning_content, content)], "reference": sum}. Kept
+    terse: the small models that train on it in tests pay for every token.
+    """
+    steps, carry = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        terms = [int(d[i]) for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+        total = sum(terms)
+        steps.append("+".join(map(str, terms)) + f"={total}")
+        carry = total // 10
+    steps.append(f"So {a}+{b}={a + b}.")
+    return {"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                         {"role": "assistant", "reasoning_content": "\n".join(steps),
+                          "content": f"\\boxed{{{a + b}}}"}],
+            "reference": str(a + b)}
+
+
+def addition_problems(n: int, digits: int, seed: int, exclude: set | None = None) -> list[dict]:
+    """`n` distinct addition tasks of `digits`-digit numbers, none of them in `exclude`
+    ((a, b) pairs), e.g. to hold out evaluation problems from training ones."""
+    rng = random.Random(f"{seed}/addition/{digits}")
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    if n > (hi - lo + 1) ** 2 - len(exclude or ()):
+        raise ValueError(f"only {(hi - lo + 1) ** 2} distinct {digits}-digit pairs exist")
+    seen, rows = set(exclude or ()), []
+    while len(rows) < n:
+        pair = (rng.randint(lo, hi), rng.randint(lo, hi))
+        if pair not in seen:
+            seen.add(pair)
+            rows.append({**addition_problem(*pair), "pair": list(pair)})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.corpus", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")

@@ -158,8 +158,12 @@ def build_backend() -> Tokenizer:
 
 
 def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
-    """The Qwen3 tokenizer (vocab 151,669), built from the packaged ranks."""
+    """The Qwen3 tokenizer (vocab 151,669), built from the packaged ranks, with the Qwen3
+    chat template (data_pipeline/chat.py)."""
+    from data_pipeline.chat import CHAT_TEMPLATE
+
     return PreTrainedTokenizerFast(
+        chat_template=CHAT_TEMPLATE,
         tokenizer_object=build_backend(),
         bos_token=None,
         eos_token=EOD_TOKEN,

@@ -12,6 +12,9 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from model.packing import attention_inputs, segment_positions
+from model.parallel import te_available
+
 
 def model_device(chunks) -> torch.device:
     return next(chunks[0].parameters()).device
@@ -23,24 +26,35 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Logits [batch, seq, vocab] on last-pipeline-stage ranks, None on the others."""
+def forward_logits(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Logits [batch, seq, vocab] on last-pipeline-stage ranks, None on the others.
+
+    `segment_ids` [batch, seq] marks packed documents (model.packing); None: one causal row.
+    """
     for c in chunks:
         c.eval()
-    tokens = tokens.to(model_device(chunks))
+    device = model_device(chunks)
+    tokens = tokens.to(device)
+    segments = segment_ids.to(device) if segment_ids is not None else torch.zeros_like(tokens)
     # The interleaved (VPP) schedule needs a multiple of pp micro-batches: feed one sequence each.
-    microbatches = list(tokens.split(1)) if len(chunks) > 1 else [tokens]
+    pairs = list(zip(tokens.split(1), segments.split(1))) if len(chunks) > 1 else [(tokens, segments)]
+    microbatches = [p[0] for p in pairs]
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch, position_ids_for(batch), attention_mask=None)
+        batch, seg = next(data_iterator)
+        if segment_ids is None:
+            mask, packed, positions = None, None, position_ids_for(batch)
+        else:
+            mask, packed = attention_inputs(seg, use_te=te_available())
+            positions = segment_positions(seg)
+        output = model(batch, positions, attention_mask=mask, packed_seq_params=packed)
 
         def collect(output_tensor, non_loss_data=False):
             return gather_from_tensor_model_parallel_region(output_tensor)
 
         return output, collect
 
-    data = iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks]
+    data = iter(pairs) if len(chunks) == 1 else [iter(pairs) for _ in chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data,

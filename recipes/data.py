@@ -131,7 +131,7 @@ class SampleBatches:
         for m in range(0, per_rank, self.mbs):
             samples = [self.dataset[start + m + j] for j in range(self.mbs)]
             batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-                     for k in ("tokens", "labels", "loss_mask", "position_ids")}
+                     for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids") if k in samples[0]}
             batch["tokens"], batch["labels"] = batch["tokens"].long(), batch["labels"].long()
             batch["loss_mask"] = batch["loss_mask"].float()
             if "dataset_id" in samples[0]:

@@ -24,6 +24,8 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from model.builder import build_model
 from model.config import ConfigError, ModelConfig, ParallelConfig
 from model.inference import position_ids_for
+from model.packing import attention_inputs
+from model.parallel import te_available
 
 
 @dataclass
@@ -99,7 +101,10 @@ class Engine:
     def _forward_step(self, data_iterator, model):
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
-        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # Packed rows (SFT) keep their documents apart; plain rows are causal over the row.
+        mask, packed = attention_inputs(batch.get("segment_ids"), use_te=te_available())
+        per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
+                          packed_seq_params=packed)
         return per_token, lambda output: self.loss_fn(batch, output)
 
     def train_step(self, microbatches: list[dict]) -> dict:

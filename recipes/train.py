@@ -184,13 +184,15 @@ def starting_point(cfg: DictConfig, s: Settings) -> tuple[Path | None, Path | No
     """(checkpoint to resume this stage from, checkpoint to take initial weights from).
 
     A stage with a checkpoint of its own continues from it (a restart after a crash or a
-    requeue); otherwise it starts from `stage.init_from`, or from random weights.
+    requeue); otherwise it starts from the top-level `init_from` when given, else the
+    stage's own `stage.init_from`, else from random weights.
     """
     from recipes import checkpointing as ckpt
 
     resume_from = ckpt.latest_checkpoint(s.stage_dir) if s.trainer.resume == "auto" else None
-    if resume_from is None and cfg.stage.get("init_from"):
-        return None, ckpt.resolve_init_from(str(cfg.stage.init_from), s.run_dir)
+    source = cfg.get("init_from") or cfg.stage.get("init_from")
+    if resume_from is None and source:
+        return None, ckpt.resolve_init_from(str(source), s.run_dir)
     return resume_from, None
 
 

@@ -51,11 +51,12 @@ def torchrun(script: str, *args, nprocs: int = 2, timeout: int = 900) -> subproc
 
 
 def make_hf_model(out: Path, model: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  **overrides) -> Path:
+                  weight_std: float = 0.08, norm_std: float = 0.3, **overrides) -> Path:
     """Save a random HF Qwen3 model built from our hydra config `model` (+ overrides).
 
-    Weights are drawn wider than HF's init so that logits and MoE routing are far from
-    uniform, and norm weights are not all ones, so that every tensor matters.
+    By default weights are drawn wider than HF's init so that logits and MoE routing are
+    far from uniform, and norm weights are not all ones, so that every tensor matters
+    (parity tests); a model meant to be trained wants weight_std=0.02, norm_std=0.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,11 +69,11 @@ def make_hf_model(out: Path, model: str, dtype: torch.dtype = torch.float32, see
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name:
-                p.normal_(1.0, 0.3)
+                p.normal_(1.0, norm_std)
             elif "mlp.gate." in name:  # router: confident, varied expert choice
                 p.normal_(0.0, 0.5)
             else:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, weight_std)
     m.to(dtype).save_pretrained(out)
     return out
 

@@ -1,0 +1,384 @@
+"""Generation from the policy's own megatron-core weights, with Qwen3's thinking budget.
+
+    python -m recipes.generate checkpoint=runs/tiny/sft_cold_start tokenizer=data/tokenizer \\
+        input=prompts.jsonl output=answers.jsonl thinking_budget=256 enable_thinking=true
+
+`generate()` is the helper that RL, distillation and evaluation call; this module's CLI
+runs it over a prompt file. It decodes by recomputing the whole prefix each step (a KV
+cache is the rollout engine's business) and returns every sampled token's log-prob.
+
+Thinking budget (Qwen3 report section 4.3): once a response has produced N tokens after
+`<think>` without closing it, the report's instruction "Considering the limited time by
+the user, ... directly now.\\n</think>.\\n\\n" is inserted (those tokens are marked forced)
+and decoding continues to the answer. `enable_thinking=false` renders the prompt with an
+empty think block, so the answer starts at once.
+
+The CLI reads JSONL rows {"id"?, "messages": [...]} or {"prompt": "..."} (one user turn),
+writes one row per prompt, and on restart skips the ids already in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import ConfigError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0             # 0: no top-k cut
+    seed: int = 0
+
+    def check(self) -> "Sampling":
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k={self.top_k} must be >= 0")
+        return self
+
+
+@dataclass
+class ThinkingBudget:
+    tokens: int                  # thinking tokens allowed after <think>
+    think_open: int
+    think_close: int
+    stop_phrase: list[int]       # ids of chat.BUDGET_STOP (ends with </think>)
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)   # inserted by the budget, not sampled
+    finish: str = "length"                             # "stop" or "length"
+    budget_stopped: bool = False
+
+
+def thinking_budget(tokenizer, tokens: int | None) -> ThinkingBudget | None:
+    from data_pipeline.chat import BUDGET_STOP
+
+    if tokens is None:
+        return None
+    if tokens < 0:
+        raise ConfigError(f"thinking_budget={tokens} must be >= 0")
+    ids = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    return ThinkingBudget(tokens, ids[0], ids[1], tokenizer.encode(BUDGET_STOP, add_special_tokens=False))
+
+
+def stop_ids(tokenizer) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+
+def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next ids, their log-probs) from [n, vocab] float32 logits."""
+    if s.temperature == 0:
+        ids = logits.argmax(-1)
+        return ids, torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
+    scaled = logits / s.temperature
+    logp = torch.log_softmax(scaled, -1)
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if s.top_k:
+        kth = scaled.topk(min(s.top_k, scaled.shape[-1]), -1).values[:, -1:]
+        keep &= scaled >= kth
+    if s.top_p < 1:
+        probs, order = logp.exp().sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = probs.cumsum(-1) - probs >= s.top_p
+        keep &= ~torch.zeros_like(outside).scatter(-1, order, outside)
+    probs = torch.where(keep, logp, torch.full_like(logp, -float("inf"))).softmax(-1)
+    ids = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    return ids, logp.gather(-1, ids[:, None])[:, 0]
+
+
+class _Recompute:
+    """Next-token logits by running the whole prefix again (any TP/PP/EP layout)."""
+
+    def __init__(self, chunks):
+        from megatron.core import parallel_state
+
+        self.chunks = chunks
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+
+    def __call__(self, tokens: torch.Tensor, cur: int) -> torch.Tensor | None:
+        from model.inference import forward_logits
+
+        # sequence parallelism splits the sequence over TP ranks: pad to a multiple of TP;
+        # with causal attention the padding after position cur-1 changes nothing before it
+        width = -(-cur // self.tp) * self.tp
+        logits = forward_logits(self.chunks, tokens[:, :width])
+        return None if logits is None else logits[:, cur - 1]
+
+
+class _Cached:
+    """Next-token logits with megatron-core's static KV cache: the prompt prefix once, then
+    one token per step. Needs one pipeline stage and no sequence parallelism (a single
+    decoded token cannot be split over TP ranks)."""
+
+    def __init__(self, chunks, batch: int, max_length: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model = chunks[0]
+        self.model.eval()
+        self.context = StaticInferenceContext(batch, max_length)
+        self.done = 0   # positions already in the cache
+
+    def __call__(self, tokens: torch.Tensor, cur: int) -> torch.Tensor:
+        from model.inference import model_device
+
+        chunk = tokens[:, self.done:cur].to(model_device([self.model]))
+        positions = torch.arange(self.done, cur, device=chunk.device).expand_as(chunk)
+        if self.done:
+            self.context.enable_decode_mode()
+        logits = self.model(chunk, positions, None, inference_context=self.context, runtime_gather_output=True)
+        self.context.sequence_len_offset = self.done = cur
+        return logits[:, -1]
+
+
+def kv_cache_usable(chunks) -> bool:
+    from megatron.core import parallel_state
+
+    config = chunks[0].config
+    return (len(chunks) == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            and not (config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1))
+
+
+@torch.no_grad()
+def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[int],
+             sampling: Sampling | None = None, budget: ThinkingBudget | None = None,
+             vocab_limit: int | None = None, use_cache: bool = True) -> list[Generation]:
+    """Continue every prompt; collective over the model-parallel group (same args everywhere).
+
+    Decoding starts at the shortest prompt's end; rows with longer prompts take their own
+    prompt tokens until theirs ends (one batch, one KV cache). `vocab_limit` masks the
+    model's padded vocabulary beyond the tokenizer's. `use_cache=False`, or a layout the
+    cache does not serve (PP, or TP with sequence parallelism), recomputes the prefix.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from model.inference import model_device
+
+    s = (sampling or Sampling()).check()
+    generator = torch.Generator().manual_seed(s.seed)
+    device = model_device(chunks)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1:
+        raise ValueError("every prompt needs at least one token")
+    total = max(lengths) + max_new_tokens
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    step = _Cached(chunks, len(prompts), total) if use_cache and kv_cache_usable(chunks) else _Recompute(chunks)
+    out = [Generation() for _ in prompts]
+    finished = [False] * len(prompts)
+    # per row: tokens since an open <think> (None: not thinking), forced tokens to insert
+    thinking: list[int | None] = [None] * len(prompts)
+    queued: list[list[int]] = [[] for _ in prompts]
+
+    def spend_budget(i: int) -> None:
+        if budget is not None and thinking[i] is not None and thinking[i] >= budget.tokens:
+            queued[i], thinking[i] = list(budget.stop_phrase), None
+            out[i].budget_stopped = True
+
+    if budget is not None:
+        for i, p in enumerate(prompts):
+            opened = [j for j, t in enumerate(p) if t == budget.think_open]
+            if opened and budget.think_close not in p[opened[-1]:]:
+                thinking[i] = len(p) - 1 - opened[-1]   # a prompt that prefills "<think>\n"
+                spend_budget(i)
+
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    for cur in range(min(lengths), total):
+        if all(finished):
+            break
+        logits = step(tokens, cur)
+        picked = torch.zeros(2, len(prompts), dtype=torch.float64, device=device)
+        if last_stage:
+            last = logits.float()
+            if vocab_limit is not None:
+                last[:, vocab_limit:] = -float("inf")
+            ids, logp = _pick(last, s, generator)
+            for i in range(len(prompts)):
+                if queued[i] and cur >= lengths[i]:   # forced: its log-prob under the model
+                    ids[i] = queued[i][0]
+                    logp[i] = torch.log_softmax(last[i], -1)[queued[i][0]]
+            picked = torch.stack([ids.double(), logp.double()]).to(device)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(picked, parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        for i, g in enumerate(out):
+            if cur < lengths[i] or finished[i]:
+                continue   # still reading its prompt, or done
+            token, forced = int(picked[0, i]), bool(queued[i])
+            if forced:
+                queued[i].pop(0)
+            tokens[i, cur] = token
+            g.tokens.append(token)
+            g.logprobs.append(float(picked[1, i]))
+            g.forced.append(forced)
+            if budget is not None and not forced:
+                if token == budget.think_close:
+                    thinking[i] = None
+                elif thinking[i] is not None:
+                    thinking[i] += 1
+                elif token == budget.think_open:
+                    thinking[i] = 0
+                spend_budget(i)
+            if token in stop and not forced:
+                g.finish, finished[i] = "stop", True
+            elif len(g.tokens) >= max_new_tokens:
+                finished[i] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def prompt_messages(row: dict) -> list[dict]:
+    if isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+        # a training conversation: prompt with everything before its final assistant turn
+        return msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    raise ValueError("row has neither 'messages' nor 'prompt'")
+
+
+def split_response(text: str) -> tuple[str | None, str]:
+    """(thinking, answer) of a generated assistant turn."""
+    if "</think>" in text:
+        head, _, tail = text.partition("</think>")
+        return head.split("<think>")[-1].strip("\n"), tail.lstrip(".\n")
+    return None, text
+
+
+def _done_ids(path: Path) -> set:
+    done = set()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by a crash is regenerated
+    return done
+
+
+def run_cli(cfg) -> int:
+    """Validate, (re)launch, generate. Returns the exit code."""
+    from omegaconf import OmegaConf
+
+    from data_pipeline.chat import render
+    from data_pipeline.tokenizer import load_tokenizer
+    from model.checkpoint import load_model, read_model_config
+    from model.config import ParallelConfig, from_dict
+    from model.parallel import destroy_distributed, init_distributed, minimum_world_size, validate_layout
+    from recipes.checkpointing import resolve_init_from
+
+    try:
+        for key in ("checkpoint", "tokenizer", "input", "output"):
+            if cfg.get(key) in (None, "", "???"):
+                raise ConfigError(f"{key}= is required")
+        ckpt = resolve_init_from(str(cfg.checkpoint), Path.cwd())
+        model_cfg = read_model_config(ckpt)
+        par = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
+        nprocs = minimum_world_size(par)
+        validate_layout(model_cfg, par, int(os.environ.get("WORLD_SIZE", nprocs)))
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        sampling = from_dict(Sampling, OmegaConf.to_container(cfg.sampling, resolve=True), "sampling").check()
+        budget = thinking_budget(tokenizer, cfg.thinking_budget)
+        if int(cfg.max_new_tokens) < 1 or int(cfg.batch_size) < 1:
+            raise ConfigError("max_new_tokens and batch_size must be >= 1")
+        src = Path(str(cfg.input))
+        if not src.is_file():
+            raise ConfigError(f"input={src} does not exist")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "WORLD_SIZE" not in os.environ and nprocs > 1:
+        from model.launch import relaunch_if_needed
+
+        relaunch_if_needed("recipes.generate", sys.argv[1:], nprocs)
+
+    import torch.distributed as dist
+
+    from model.builder import build_model
+
+    init_distributed(par, seed=int(sampling.seed), model=model_cfg)
+    rank0 = dist.get_rank() == 0
+    chunks = build_model(model_cfg, par, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    load_model(chunks, ckpt)
+
+    out_path = Path(str(cfg.output))
+    done = _done_ids(out_path)
+    rows, bad = [], 0
+    for n, line in enumerate(src.read_text(encoding="utf-8").split("\n")):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row.setdefault("id", n)
+            messages = prompt_messages(row)
+        except (json.JSONDecodeError, ValueError, AttributeError):
+            bad += 1
+            continue
+        if row["id"] not in done:
+            rows.append((row, messages))
+    if rank0 and bad:
+        print(f"skipped {bad} unreadable input rows", file=sys.stderr)
+    bar = None
+    if rank0 and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows) + len(done), initial=len(done), desc="generating", unit=" prompt")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    stop = stop_ids(tokenizer)
+    import contextlib
+
+    with open(out_path, "a", encoding="utf-8") if rank0 else contextlib.nullcontext() as f:
+        for b in range(0, len(rows), int(cfg.batch_size)):
+            part = rows[b:b + int(cfg.batch_size)]
+            prompts = [tokenizer.encode(render(m, add_generation_prompt=True,
+                                               enable_thinking=bool(cfg.enable_thinking)).text,
+                                        add_special_tokens=False) for _, m in part]
+            gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop, sampling, budget,
+                            vocab_limit=len(tokenizer))
+            if not rank0:
+                continue
+            for (row, _), g in zip(part, gens):
+                kept = [t for t in g.tokens if t not in stop]
+                text = tokenizer.decode(kept, skip_special_tokens=False)
+                thinking_text, answer = split_response(text)
+                f.write(json.dumps({**{k: v for k, v in row.items() if k not in ("messages",)},
+                                    "response": text, "thinking": thinking_text, "answer": answer,
+                                    "tokens": len(g.tokens), "finish": g.finish,
+                                    "budget_stopped": g.budget_stopped}, ensure_ascii=False) + "\n")
+            f.flush()
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    destroy_distributed()
+    return 0
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../hydra_conf", config_name="generate", version_base=None)
+    def entry(cfg) -> None:
+        sys.exit(run_cli(cfg))
+
+    entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Supervised fine-tuning stages: long-CoT cold start and thinking-mode fusion.
+
+    python -m recipes.sft stage=sft_cold_start init_from=runs/qwen3_8b/pretrain_s3
+    python -m recipes.sft stage=sft_fusion init_from=runs/qwen3_8b/rl_reasoning
+    python -m recipes.sft stage=sft_fusion init_from=/ckpts/qwen3_8b_mcore   # any converted checkpoint
+
+Both stages are chat SFT on the shared loop: conversations rendered in the Qwen3 chat
+format, loss on assistant output only, packed rows with per-conversation attention. They
+differ only in config (hydra_conf/stage/sft_*.yaml) and in the data their builders make
+(data_pipeline/cold_start.py, data_pipeline/fusion.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from model.config import ConfigError
+from recipes.train import Settings, Task, run
+
+
+def _data_cfg(cfg: DictConfig):
+    if cfg.get("sft") is None or cfg.sft.get("data") is None:
+        raise ConfigError(f"stage {cfg.stage.name} has no sft.data section")
+    return cfg.sft.data
+
+
+class SFT:
+    name = "sft"
+    module = "recipes.sft"
+
+    def validate(self, cfg: DictConfig, s: Settings) -> None:
+        from data_pipeline import sft_data
+        from data_pipeline.tokenizer import load_tokenizer
+        from model.parallel import te_available
+
+        d = _data_cfg(cfg)
+        sft_data.input_files(d.files)
+        if d.overlength not in sft_data.OVERLENGTH:
+            raise ConfigError(f"sft.data.overlength={d.overlength!r} must be one of {sft_data.OVERLENGTH}")
+        tokenizer = load_tokenizer(d.tokenizer)
+        if len(tokenizer) > s.model.vocab_size:
+            raise ConfigError(f"tokenizer {d.tokenizer} has {len(tokenizer)} tokens, more than "
+                              f"model.vocab_size={s.model.vocab_size}")
+        if "<|im_start|>" not in tokenizer.get_vocab():
+            raise ConfigError(f"tokenizer {d.tokenizer} has no <|im_start|>: not a Qwen3 chat tokenizer")
+        if d.pack and s.parallel.cp > 1:
+            raise ConfigError("sft.data.pack=true with parallel.cp>1 is not supported yet; set cp=1 or pack=false")
+        if d.pack and te_available() and s.trainer.micro_batch_size != 1:
+            raise ConfigError("packed SFT on the Transformer Engine path uses the THD layout, one row per "
+                              f"micro-batch: set trainer.micro_batch_size=1 (got {s.trainer.micro_batch_size})")
+
+    def task(self, cfg: DictConfig, s: Settings, engine) -> Task:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from data_pipeline import sft_data
+        from recipes.data import SampleBatches
+
+        d = _data_cfg(cfg)
+        t = s.trainer
+        cache = Path(str(d.cache_dir)) if d.cache_dir else s.stage_dir / "data_cache"
+        build = dict(files=d.files, tokenizer_dir=d.tokenizer, seq_length=t.seq_length, cache_dir=cache,
+                     overlength=d.overlength, pack_rows=bool(d.pack))
+        # Rank 0 tokenizes and writes the cache; the others then read it.
+        if dist.get_rank() == 0:
+            data, where = sft_data.build(**build, progress=bool(cfg.logging.progress))
+            print(f"{sft_data.describe(data.stats)} (cache {where})", flush=True)
+        dist.barrier()
+        if dist.get_rank() != 0:
+            data, _ = sft_data.build(**build, progress=False)
+        batches = SampleBatches(
+            sft_data.SFTSamples(data, seed=int(cfg.seed)), [], t.global_batch_size, t.micro_batch_size,
+            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+        efficiency = float(data.stats["packing_efficiency"])
+        return Task(batches=batches, summarize=lambda counts: {"data/packing_efficiency": efficiency},
+                    tokens_per_step=t.global_batch_size * t.seq_length)
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    sys.exit(run(cfg, SFT()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""SFT data: packing, skip counting, caching, and packed attention (logits equal to each
+conversation run alone), plus the generation helper's thinking budget."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import sft_data
+from model.config import ConfigError
+from tests.conftest import read_json, torchrun
+
+
+def test_pack_fills_bins_without_overflow():
+    lengths = [9, 3, 7, 1, 5, 5, 2, 8]
+    bins = sft_data.pack(lengths, capacity=10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 4   # 40 tokens into bins of 10: best fit finds the optimum here
+
+
+def test_assemble_segments_and_padding():
+    triples = [(np.arange(3), np.arange(1, 4), np.array([0, 1, 1], np.uint8)),
+               (np.arange(4), np.arange(1, 5), np.array([1, 1, 1, 1], np.uint8))]
+    out = sft_data.assemble(triples, [[1, 0]], seq_length=9, pad_id=99)
+    assert out["segment_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    assert out["tokens"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 99, 99]
+    assert out["loss_mask"][0].tolist() == [1, 1, 1, 1, 0, 1, 1, 0, 0]
+
+
+def test_segment_positions_restart():
+    from model.packing import block_causal_mask, segment_positions
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0]]
+    allowed = ~block_causal_mask(seg)[0, 0]
+    assert allowed[4].tolist() == [False, False, False, True, True, False]
+    assert allowed[2].tolist() == [True, True, True, False, False, False]
+
+
+def _conv(user: str, answer: str, reasoning: str = "") -> dict:
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": answer, "reasoning_content": reasoning}]}
+
+
+def test_build_counts_skipped_rows_and_caches(tmp_path, qwen3_tokenizer_dir):
+    rows = [_conv("What is 1+1?", "2", "1+1=2"), _conv("Hi", "Hello"),
+            _conv("Tell a long story", "word " * 200),                       # too long for 64 tokens
+            {"messages": [{"role": "user", "content": "x"}]},               # no assistant turn
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+            {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    data, cache = sft_data.build([path], qwen3_tokenizer_dir, 64, tmp_path / "cache", progress=False)
+    st = data.stats
+    assert st["skipped"] == {"bad_json": 1, "bad_role": 1, "empty_assistant_turn": 1,
+                             "no_assistant_turn": 1, "too_long": 1}
+    assert st["conversations_used"] == 2 and st["conversations_read"] == 7
+    assert len(data) == 1   # both short conversations share one packed row
+    assert set(data.segment_ids[0].tolist()) == {0, 1, 2}
+    assert 0 < st["packing_efficiency"] < 1
+    assert st["packing_efficiency"] == pytest.approx((data.segment_ids[0] < 2).mean())
+    # the same inputs and settings reuse the cache; other settings do not
+    stamp = os.stat(cache / "tokens.npy").st_mtime_ns
+    again, cache2 = sft_data.build([path], qwen3_tokenizer_dir, 64, tmp_path / "cache", progress=False)
+    assert cache2 == cache and os.stat(cache / "tokens.npy").st_mtime_ns == stamp
+    truncated, cache3 = sft_data.build([path], qwen3_tokenizer_dir, 64, tmp_path / "cache",
+                                       overlength="truncate", progress=False)
+    assert cache3 != cache and truncated.stats["conversations_used"] == 3
+    assert "too_long" not in truncated.stats["skipped"]
+
+
+def test_build_rejects_missing_file_and_empty_data(tmp_path, qwen3_tokenizer_dir):
+    with pytest.raises(ConfigError, match="not found"):
+        sft_data.build([tmp_path / "nope.jsonl"], qwen3_tokenizer_dir, 64, tmp_path, progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"messages": []}) + "\n")
+    with pytest.raises(ConfigError, match="no usable SFT conversations"):
+        sft_data.build([empty], qwen3_tokenizer_dir, 64, tmp_path, progress=False)
+
+
+def test_samples_are_a_pure_function_of_index(tmp_path, qwen3_tokenizer_dir):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(_conv(f"q{i}", "a" * (i % 7 + 1))) + "\n" for i in range(20)))
+    data, _ = sft_data.build([path], qwen3_tokenizer_dir, 32, tmp_path / "c", pack_rows=False, progress=False)
+    a, b = sft_data.SFTSamples(data, seed=1), sft_data.SFTSamples(data, seed=1)
+    order_a = [a[i]["tokens"].tolist() for i in range(45)]
+    assert order_a == [b[i]["tokens"].tolist() for i in reversed(range(45))][::-1]
+    first_epoch = sorted(map(tuple, order_a[:20]))
+    assert first_epoch == sorted(tuple(r) for r in np.asarray(data.tokens).tolist())   # each row once per epoch
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "r.json"
+    torchrun("tests/workers/packed.py", "--out", out)
+    return read_json(out)
+
+
+@pytest.mark.parametrize("case", ["tiny/tp1", "tiny/tp2", "tiny_moe/tp1"])
+def test_packed_logits_equal_each_document_alone(packed, case):
+    r = packed[case]
+    assert r["logit_diff"] < 1e-5 * max(1.0, r["logit_scale"])
+    assert r["loss_diff"] < 1e-5
+    # the same row without the block mask differs: the check can fail
+    assert r["unmasked_diff"] > 1e-2
+
+
+@pytest.fixture(scope="module")
+def generations(tmp_path_factory, qwen3_tokenizer_dir):
+    out = tmp_path_factory.mktemp("gen") / "r.json"
+    torchrun("tests/workers/generation.py", "--tokenizer", qwen3_tokenizer_dir, "--out", out)
+    return read_json(out)
+
+
+def _thinking_tokens_before_stop(prompt: list[int], gen: dict, think_open: int = 151667) -> int:
+    full = prompt + gen["tokens"]
+    first_forced = len(prompt) + gen["forced"].index(True)
+    opened = max(i for i in range(first_forced) if full[i] == think_open)
+    return first_forced - opened - 1
+
+
+@pytest.mark.parametrize("budget", [6, 1])
+def test_thinking_budget_inserts_stop_phrase_at_exactly_n_tokens(generations, budget):
+    g = generations["tp1"][f"budget{budget}"][0]
+    phrase = generations["stop_phrase"]
+    assert g["budget_stopped"]
+    assert _thinking_tokens_before_stop(generations["prompt_thinking"], g) == budget
+    start = g["forced"].index(True)
+    forced = g["tokens"][start:start + len(phrase)]
+    assert forced == phrase[:len(forced)]
+    assert all(g["forced"][start:start + len(forced)]) and not any(g["forced"][:start])
+
+
+def test_no_budget_and_non_thinking_prompts_are_left_alone(generations):
+    assert not any(generations["tp1"]["nobudget"][0]["forced"])
+    plain = generations["tp1"]["budget6"][1]   # enable_thinking=False: the think block is closed
+    assert not any(plain["forced"]) and not plain["budget_stopped"]
+    assert generations["prompt_plain"][-6:] != generations["prompt_thinking"][-6:]
+
+
+def test_generation_same_at_tp2_and_logprobs_valid(generations):
+    for name, runs in generations["tp1"].items():
+        for g1, g2 in zip(runs, generations["tp2"][name]):
+            assert g1["tokens"] == g2["tokens"], name
+            assert np.allclose(g1["logprobs"], g2["logprobs"], atol=1e-4)
+            assert all(lp <= 1e-6 for lp in g1["logprobs"])
+    # the KV cache (used at TP=1) gives what recomputing the prefix gives
+    for cached, full in zip(generations["tp1"]["budget6"], generations["tp1"]["budget6_recompute"]):
+        assert cached["tokens"] == full["tokens"]
+        assert np.allclose(cached["logprobs"], full["logprobs"], atol=1e-4)
+    s1, s2 = generations["tp1"]["sampled"]
+    assert s1["tokens"] != s2["tokens"]   # sampling, not greedy
+
+
+def test_pick_top_k_and_top_p():
+    from recipes.generate import Sampling, _pick
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    ids, _ = _pick(logits, Sampling(temperature=1.0, top_k=2), g)
+    assert set(ids.tolist()) == {1, 3}
+    ids, _ = _pick(logits, Sampling(temperature=1.0, top_p=0.5), g)   # token 1 alone has p > 0.5
+    assert set(ids.tolist()) == {1}
+    ids, logp = _pick(logits[:1], Sampling(), g)
+    assert ids.tolist() == [1] and logp.item() == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())
