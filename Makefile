@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-slow test-all params bench-data clean
+.PHONY: setup test test-slow test-all params bench-data bench-train clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ params: setup
 # Preprocessing throughput, 1 vs 2 tokenizer workers, on a generated corpus.
 bench-data: setup
 	$(PY) -m data_pipeline.bench
+
+# Training step throughput, ours vs HF transformers on the same weights and batch
+# (tiny and tiny_moe; on a GPU pass real sizes: see docs/PERFORMANCE.md).
+bench-train: setup
+	$(PY) -m bench.train
 
 clean:
 	rm -rf $(VENV) .pytest_cache
