@@ -167,6 +167,7 @@ def build(files, tokenizer_dir, seq_length: int, cache_dir, overlength: str = "d
             skipped[triple] += 1
         else:
             triples.append(triple)
+    unreadable = sum(skipped.values()) - (conversations - len(triples))
     if not triples:
         raise ConfigError(f"no usable SFT conversations in {', '.join(map(str, paths))} "
                           f"(skipped: {dict(skipped)})")
@@ -174,8 +175,7 @@ def build(files, tokenizer_dir, seq_length: int, cache_dir, overlength: str = "d
     bins = pack(lengths, seq_length) if pack_rows else [[i] for i in range(len(triples))]
     arrays = assemble(triples, bins, seq_length, eod_id(tokenizer))
     stats = {
-        "conversations_read": conversations + sum(v for k, v in skipped.items()
-                                                  if k not in ("too_long", "no_assistant_tokens")),
+        "conversations_read": conversations + unreadable,
         "conversations_used": len(triples),
         "skipped": dict(sorted(skipped.items())),
         "rows": len(bins),
