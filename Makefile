@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-slow test-all params bench-data bench-train clean
+.PHONY: setup test test-slow test-all params bench-data bench-train slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ bench-data: setup
 # (tiny and tiny_moe; on a GPU pass real sizes: see docs/PERFORMANCE.md).
 bench-train: setup
 	$(PY) -m bench.train
+
+# A one-node SLURM on this machine for trying the templates (root: installs slurm and munge
+# when missing). `make test` starts and stops it by itself.
+slurm-up:
+	bash tests/slurm/local_cluster.sh start
+
+slurm-down:
+	bash tests/slurm/local_cluster.sh stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -198,15 +198,33 @@ def starting_point(cfg: DictConfig, s: Settings) -> tuple[Path | None, Path | No
 
 class _StopFlag:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit or preemption) ask the
-    loop to finish the current step, checkpoint and exit with EXIT_PREEMPTED."""
+    loop to finish the current step, checkpoint and exit with EXIT_PREEMPTED.
+
+    SLURM signals every process of the job step, including the helpers megatron-core
+    starts to write checkpoints (a spawned multiprocessing Manager with default handlers,
+    which the signal would kill in the middle of the very save it asks for). So the signals
+    are also blocked in this thread: children inherit the mask, and `requested` collects a
+    signal that is left pending instead of handled."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+    def requested(self) -> int | None:
+        if self.signal is None and set(self.SIGNALS) & signal.sigpending():
+            info = signal.sigtimedwait(self.SIGNALS, 0)
+            self.signal = info.si_signo if info else None
+        return self.signal
+
+    def close(self) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
 def run(cfg: DictConfig, recipe: Recipe) -> int:
@@ -327,6 +345,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
             log.event("finished", step=state["step"])
     finally:
         log.close()
+        stop.close()
     destroy_distributed()
     return exit_code
 
@@ -336,7 +355,7 @@ def _agreed_stop(stop: _StopFlag) -> bool:
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if stop.signal else 0.0],
+    flag = torch.tensor([1.0 if stop.requested() else 0.0],
                         device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
