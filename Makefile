@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-common.txt
 
 # Default suite: everything but `slow` and `gpu` tests (see pyproject.toml).
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Only the slower checks.
 test-slow: setup
