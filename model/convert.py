@@ -2,6 +2,7 @@
 
     python -m model.convert hf-to-mcore --hf-dir DIR --out CKPT [--tp N --pp N --ep N]
     python -m model.convert mcore-to-hf --ckpt CKPT --out DIR
+    python -m model.convert ds-to-mcore --ckpt DS_CKPT --out CKPT    (model/ds_convert.py)
 
 hf-to-mcore builds the model at the requested layout (re-launching itself on
 tp*pp*... processes when needed), fills every rank's shard straight from the HF
@@ -300,6 +301,10 @@ def _parse(argv):
     b.add_argument("--model", default=None, help="hydra model name, for checkpoints without qwen3_model.json")
     b.add_argument("--max-shard-gb", type=float, default=5.0)
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    c = sub.add_parser("ds-to-mcore", help="DeepSpeed training checkpoint (ZeRO-1/2/3) -> megatron-core checkpoint")
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 
 
@@ -325,6 +330,10 @@ def main(argv=None) -> int:
             from model.parallel import destroy_distributed
 
             destroy_distributed()
+        elif args.cmd == "ds-to-mcore":
+            from model.ds_convert import ds_to_mcore
+
+            ds_to_mcore(args.ckpt, args.out)
         else:
             from model.config import load_model_config
 

@@ -12,6 +12,10 @@ and old checkpoints are pruned only after `latest` moved on, so a crash at any i
 leaves a loadable `latest`. The model weights inside are global tensors, so a checkpoint
 loads at any TP/PP/EP layout; so does the optimizer state (megatron-core's
 model-space sharding of it).
+
+With `trainer.backend=deepspeed` the engine writes DeepSpeed's own checkpoint through the
+same `iter_N.tmp` → `iter_N` rename (recipes.deepspeed_engine, model.ds_convert);
+`latest`, keep-last-K and `final.json` work the same for both formats.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from model.checkpoint import apply_model_state, is_checkpoint, model_sharded_state_dict, save_sharded
+from model.checkpoint import apply_model_state, is_checkpoint, load_model, model_sharded_state_dict, save_sharded
 from model.config import ConfigError
+from model.ds_convert import is_deepspeed_checkpoint, load_deepspeed_weights
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -40,6 +45,11 @@ _ITER = re.compile(r"^iter_(\d{7,})$")
 # (megatron-core 0.16.1's default, fully_sharded_model_space, fails to save:
 # "ShardedTensor.flattened_range is not supported".)
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A complete checkpoint of either engine."""
+    return is_checkpoint(path) or is_deepspeed_checkpoint(path)
 
 
 def checkpoint_name(step: int) -> str:
@@ -58,7 +68,7 @@ def complete_checkpoints(stage_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _ITER.match(p.name)) and is_checkpoint(p)]
+             if (m := _ITER.match(p.name)) and is_training_checkpoint(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -68,7 +78,7 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     pointer = stage_dir / LATEST
     if pointer.is_file():
         candidate = stage_dir / CHECKPOINTS / pointer.read_text().strip()
-        if is_checkpoint(candidate):
+        if is_training_checkpoint(candidate):
             return candidate
     found = complete_checkpoints(stage_dir)
     return found[-1] if found else None
@@ -93,12 +103,20 @@ def resolve_init_from(init_from: str, run_dir: Path) -> Path:
     """
     candidates = [Path(run_dir) / init_from, Path(init_from)]
     for path in candidates:
-        if is_checkpoint(path):
+        if is_training_checkpoint(path):
             return path
         if (path / FINAL).is_file() or (path / CHECKPOINTS).is_dir():
             return final_checkpoint(path)
     raise ConfigError(f"stage.init_from={init_from!r} is neither a stage of run {run_dir} nor a "
                       "checkpoint directory (no metadata.json)")
+
+
+def load_weights(chunks, ckpt_dir: Path) -> None:
+    """Initial weights from a checkpoint of either engine into bare model chunks."""
+    if is_deepspeed_checkpoint(ckpt_dir):
+        load_deepspeed_weights(chunks, ckpt_dir)
+    else:
+        load_model(chunks, ckpt_dir)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -155,12 +173,15 @@ def save_checkpoint(engine, stage_dir: Path, train_state: dict, keep_last: int) 
     """Collective: save everything needed to continue this stage exactly."""
     stage_dir = Path(stage_dir)
     name = checkpoint_name(train_state["step"])
-    sharded = _sharded_state(engine, is_loading=False)
-    sharded["rng_state"] = _rng_sharded(_rng_state())
-    sharded["train_state"] = {**train_state, "scheduler": engine.scheduler.state_dict(),
-                              "layout": _layout_signature()}
-    path = save_sharded(sharded, stage_dir / CHECKPOINTS / name, engine.model_cfg,
-                        extra={"step": train_state["step"]})
+    if hasattr(engine, "save_state"):   # an engine with its own format (DeepSpeed)
+        path = _save_engine_state(engine, stage_dir / CHECKPOINTS / name, train_state)
+    else:
+        sharded = _sharded_state(engine, is_loading=False)
+        sharded["rng_state"] = _rng_sharded(_rng_state())
+        sharded["train_state"] = {**train_state, "scheduler": engine.scheduler.state_dict(),
+                                  "layout": _layout_signature()}
+        path = save_sharded(sharded, stage_dir / CHECKPOINTS / name, engine.model_cfg,
+                            extra={"step": train_state["step"]})
     if dist.get_rank() == 0:
         write_atomic(stage_dir / LATEST, name + "\n")
         for old in complete_checkpoints(stage_dir)[:-max(keep_last, 1)]:
@@ -169,9 +190,40 @@ def save_checkpoint(engine, stage_dir: Path, train_state: dict, keep_last: int) 
     return path
 
 
+def _save_engine_state(engine, final: Path, train_state: dict) -> Path:
+    """Collective: `engine.save_state` into `<final>.tmp`, renamed to `final` once every
+    rank has written its part."""
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    engine.save_state(tmp, train_state)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def backend_mismatch(ckpt_dir: Path, backend: str) -> str | None:
+    """Why a checkpoint cannot be resumed by `backend` (None when it can)."""
+    if is_deepspeed_checkpoint(ckpt_dir) == (backend == "deepspeed"):
+        return None
+    written = "DeepSpeed" if is_deepspeed_checkpoint(ckpt_dir) else "Megatron"
+    return (f"{ckpt_dir} is a {written} checkpoint and cannot be resumed with trainer.backend={backend}; "
+            "resume with the engine that wrote it, or start a new stage from it with init_from=")
+
+
 def load_checkpoint(engine, ckpt_dir: Path) -> dict:
     """Collective: restore model, optimizer, schedule and (same layout only) RNG; return
     the saved training state (step, consumed samples, counters)."""
+    problem = backend_mismatch(ckpt_dir, "deepspeed" if hasattr(engine, "load_state") else "megatron")
+    if problem:
+        raise ConfigError(problem)
+    if hasattr(engine, "load_state"):
+        return engine.load_state(ckpt_dir)
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     if "train_state" not in common:
         raise ConfigError(f"{ckpt_dir} holds weights only (no optimizer state); "

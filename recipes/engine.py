@@ -79,6 +79,20 @@ def lm_batch(tokens: torch.Tensor) -> dict:
             "position_ids": position_ids_for(inputs)}
 
 
+def forward_per_token(model, batch: dict) -> tuple[dict, torch.Tensor]:
+    """(the batch on the model's device, per-token LM loss [b, s]) for one micro-batch.
+
+    Shared by both training engines, so that they see the same model inputs.
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    # Packed rows (SFT) keep their documents apart; plain rows are causal over the row.
+    mask, packed = attention_inputs(batch.get("segment_ids"), use_te=te_available())
+    per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
+                      packed_seq_params=packed)
+    return batch, per_token
+
+
 def masked_lm_loss(batch: dict, per_token_loss: torch.Tensor):
     """Sum of per-token losses under the mask, its token count, and what to log."""
     mask = batch["loss_mask"].float()
@@ -87,8 +101,43 @@ def masked_lm_loss(batch: dict, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def expert_load_ratio(chunks) -> torch.Tensor | None:
+    """Worst layer's max/mean tokens per expert, from the routers' global-batch counts.
+
+    One tensor, no host sync here; MoEMetrics._expert_load reads it once per step.
+    """
+    ratios = [counts.max() / counts.mean().clamp(min=1e-9)
+              for chunk in chunks for module in chunk.modules()
+              if (counts := getattr(module, "global_tokens_per_expert", None)) is not None]
+    return torch.stack(ratios).max() if ratios else None
+
+
+class MoEMetrics:
+    """Per-step MoE metrics, shared by both engines (they provide model_cfg, chunks,
+    steps and _load_ratio)."""
+
+    def _moe_metrics(self, num_microbatches: int) -> dict:
+        totals: dict = {}
+        # Reduces megatron-core's per-layer aux-loss tracker over PP/DP and clears it.
+        track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=self.steps, total_loss_dict=totals,
+                          num_layers=self.model_cfg.num_layers)
+        metrics = {f"moe/{k}": float(v) for k, v in totals.items()}
+        metrics.update(self._expert_load())
+        return metrics
+
+    def _expert_load(self) -> dict:
+        """Max/mean tokens per expert over this step's global batch, worst layer."""
+        if self.model_cfg.moe_aux_loss_type != "global_aux_loss":
+            return {}
+        device = next(self.chunks[0].parameters()).device
+        worst = (self._load_ratio if self._load_ratio is not None else torch.zeros(())).to(device, torch.float64)
+        worst = worst.reshape(1)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
+        return {"moe/expert_load_max_over_mean": worst.item()}
+
+
 @dataclass
-class Engine:
+class Engine(MoEMetrics):
     model_cfg: ModelConfig
     parallel: ParallelConfig
     chunks: list                       # DDP-wrapped GPTModel per virtual pipeline stage
@@ -99,12 +148,7 @@ class Engine:
     _load_ratio: torch.Tensor | None = None   # set by finalize_grads for the MoE metric
 
     def _forward_step(self, data_iterator, model):
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
-        # Packed rows (SFT) keep their documents apart; plain rows are causal over the row.
-        mask, packed = attention_inputs(batch.get("segment_ids"), use_te=te_available())
-        per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
-                          packed_seq_params=packed)
+        batch, per_token = forward_per_token(model, next(data_iterator))
         return per_token, lambda output: self.loss_fn(batch, output)
 
     def train_step(self, microbatches: list[dict]) -> dict:
@@ -145,25 +189,6 @@ class Engine:
         return {**metrics, "grad_norm": float(grad_norm or 0.0), "update_successful": bool(update_successful),
                 "skipped": False}
 
-    def _moe_metrics(self, num_microbatches: int) -> dict:
-        totals: dict = {}
-        # Reduces megatron-core's per-layer aux-loss tracker over PP/DP and clears it.
-        track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=self.steps, total_loss_dict=totals,
-                          num_layers=self.model_cfg.num_layers)
-        metrics = {f"moe/{k}": float(v) for k, v in totals.items()}
-        metrics.update(self._expert_load())
-        return metrics
-
-    def _expert_load(self) -> dict:
-        """Max/mean tokens per expert over this step's global batch, worst layer."""
-        if self.model_cfg.moe_aux_loss_type != "global_aux_loss":
-            return {}
-        device = next(self.chunks[0].parameters()).device
-        worst = (self._load_ratio if self._load_ratio is not None else torch.zeros(())).to(device, torch.float64)
-        worst = worst.reshape(1)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
-        return {"moe/expert_load_max_over_mean": worst.item()}
-
     def finalize_grads(self, model, *args, **kwargs):
         """megatron-core's finalize_model_grads, after noting the expert loads.
 
@@ -171,11 +196,7 @@ class Engine:
         global balancing loss, and finalize_model_grads clears those counts; this is the
         last moment they can be read.
         """
-        ratios = [counts.max() / counts.mean().clamp(min=1e-9)
-                  for chunk in self.chunks for module in chunk.modules()
-                  if (counts := getattr(module, "global_tokens_per_expert", None)) is not None]
-        # One tensor, no host sync here; _expert_load reads it once per step.
-        self._load_ratio = torch.stack(ratios).max() if ratios else None
+        self._load_ratio = expert_load_ratio(self.chunks)
         return finalize_model_grads(model, *args, **kwargs)
 
 

@@ -6,7 +6,8 @@ metrics of its own. Everything else lives here, once:
 
 - config checks (layout, batch sizes, precision, data) before any process or GPU is used;
 - multi-process launch (re-runs itself under torchrun when the layout needs more ranks);
-- engine: megatron-core model, DDP, optimizer and LR schedule (recipes.engine);
+- engine: megatron-core model, DDP, optimizer and LR schedule (recipes.engine), or the
+  same model under DeepSpeed ZeRO (`trainer.backend=deepspeed`, recipes.deepspeed_engine);
 - resume from the stage's `latest` checkpoint, or weights from `stage.init_from`;
 - NaN/Inf guard, logging, periodic atomic checkpoints, and stopping cleanly on SIGTERM/USR1;
 - a `final.json` marker when the stage is done, which the next stage starts from.
@@ -41,6 +42,9 @@ _FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3",
 
 @dataclass
 class TrainerConfig:
+    # Training engine: "megatron" (TP/PP/CP/EP, the default) or "deepspeed" (ZeRO-1/2/3
+    # data parallelism with optional CPU offload; settings in the `deepspeed:` section).
+    backend: str = "megatron"
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -94,6 +98,7 @@ class Settings:
     precision: str
     stage_dir: Path
     run_dir: Path
+    deepspeed: object = None   # recipes.deepspeed_engine.DeepSpeedSettings
 
 
 def _typed(cls, node, where: str):
@@ -102,20 +107,29 @@ def _typed(cls, node, where: str):
 
 def settings_from(cfg: DictConfig) -> Settings:
     """Typed, checked settings from the composed config (no torch.distributed needed)."""
+    from recipes.deepspeed_engine import DeepSpeedSettings
     from recipes.engine import OptimConfig
 
     model = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     parallel = _typed(ParallelConfig, cfg.parallel, "parallel")
     trainer = _typed(TrainerConfig, cfg.trainer, "trainer")
     optim = _typed(OptimConfig, cfg.optim, "optim").check()
+    deepspeed = _typed(DeepSpeedSettings, cfg.get("deepspeed"), "deepspeed")
     run_dir = Path(str(cfg.run.root)) / str(cfg.run.name)
-    return Settings(model, parallel, trainer, optim, str(cfg.precision), run_dir / str(cfg.stage.name), run_dir)
+    return Settings(model, parallel, trainer, optim, str(cfg.precision), run_dir / str(cfg.stage.name), run_dir,
+                    deepspeed)
 
 
-def check_settings(s: Settings, world_size: int) -> None:
+def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
     """Every generic reason this run cannot start, as one ConfigError line."""
+    from recipes.deepspeed_engine import BACKENDS, deepspeed_problems
+
     t = s.trainer
     problems = layout_problems(s.model, s.parallel, world_size, t.seq_length, use_te=te_available())
+    if t.backend not in BACKENDS:
+        problems.append(f"trainer.backend={t.backend!r} must be one of {', '.join(BACKENDS)}")
+    elif t.backend == "deepspeed":
+        problems += deepspeed_problems(s.deepspeed, s.parallel, s.precision, recipe)
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_steps", "save_interval",
                  "log_interval", "keep_last"):
         if getattr(t, name) < 1:
@@ -196,6 +210,38 @@ def starting_point(cfg: DictConfig, s: Settings) -> tuple[Path | None, Path | No
     return resume_from, None
 
 
+def check_start(resume_from: Path | None, init_from: Path | None, s: Settings, world_size: int) -> None:
+    """The checkpoints a run starts from must suit its engine and layout."""
+    from model.ds_convert import is_deepspeed_checkpoint
+    from recipes import checkpointing as ckpt
+    from recipes.deepspeed_engine import resume_problem, zero_stage
+
+    if resume_from is not None and (problem := ckpt.backend_mismatch(resume_from, s.trainer.backend)):
+        raise ConfigError(problem)
+    if resume_from is not None and s.trainer.backend == "deepspeed" and (
+            problem := resume_problem(resume_from, zero_stage(s.deepspeed), world_size)):
+        raise ConfigError(problem)
+    if init_from is not None and is_deepspeed_checkpoint(init_from) and (
+            s.parallel.tp > 1 or s.parallel.pp > 1):
+        raise ConfigError(f"init_from {init_from} is a DeepSpeed checkpoint, which loads at tp=pp=1 only; "
+                          "convert it first: python -m model.convert ds-to-mcore --ckpt CKPT --out DIR")
+
+
+def build_training_engine(s: Settings, dtype, init, **config_overrides):
+    """The engine `trainer.backend` names, around the same megatron-core model."""
+    t = s.trainer
+    if t.backend == "deepspeed":
+        from recipes.deepspeed_engine import build_deepspeed_engine
+
+        return build_deepspeed_engine(s.model, s.parallel, s.optim, s.deepspeed, t.micro_batch_size,
+                                      t.global_batch_size, dtype=dtype, init=init, max_steps=t.max_steps,
+                                      scratch=s.run_dir, **config_overrides)
+    from recipes.engine import build_engine
+
+    return build_engine(s.model, s.parallel, s.optim, dtype=dtype, max_steps=t.max_steps, init=init,
+                        **config_overrides)
+
+
 class _StopFlag:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit or preemption) ask the
     loop to finish the current step, checkpoint and exit with EXIT_PREEMPTED.
@@ -237,8 +283,8 @@ def run(cfg: DictConfig, recipe: Recipe) -> int:
         launched = "WORLD_SIZE" in os.environ
         nprocs = s.trainer.nprocs or minimum_world_size(s.parallel)
         world_size = int(os.environ["WORLD_SIZE"]) if launched else nprocs
-        check_settings(s, world_size)
-        starting_point(cfg, s)
+        check_settings(s, world_size, str(cfg.stage.recipe))
+        check_start(*starting_point(cfg, s), s, world_size)
         recipe.validate(cfg, s)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -255,10 +301,8 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from model.checkpoint import load_model
     from model.parallel import destroy_distributed, init_distributed
     from recipes import checkpointing as ckpt
-    from recipes.engine import build_engine
     from recipes.run_log import RunLog
 
     stop = _StopFlag()
@@ -269,9 +313,8 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     t = s.trainer
 
     resume_from, init_from = starting_point(cfg, s)
-    engine = build_engine(s.model, s.parallel, s.optim, dtype=dtype, max_steps=t.max_steps,
-                          init=(lambda chunks: load_model(chunks, init_from)) if init_from else None,
-                          **fp8, **recompute_overrides(t.recompute))
+    init = (lambda chunks: ckpt.load_weights(chunks, init_from)) if init_from else None
+    engine = build_training_engine(s, dtype, init, **fp8, **recompute_overrides(t.recompute))
     state = {"step": 0, "consumed_samples": 0, "nan_steps": 0, "counts": {}}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(engine, resume_from))
