@@ -384,13 +384,36 @@ def addition_problem(a: int, b: int) -> dict:
             "reference": str(a + b)}
 
 
-def addition_problems(n: int, digits: int, seed: int, exclude: set | None = None) -> list[dict]:
+def carries(a: int, b: int) -> bool:
+    """Whether column addition of a and b carries in any column."""
+    while a or b:
+        if a % 10 + b % 10 > 9:
+            return True
+        a, b = a // 10, b // 10
+    return False
+
+
+def addition_problems(n: int, digits: int, seed: int, exclude: set | None = None,
+                      with_carries: bool = True) -> list[dict]:
     """`n` distinct addition tasks of `digits`-digit numbers, none of them in `exclude`
-    ((a, b) pairs), e.g. to hold out evaluation problems from training ones."""
+    ((a, b) pairs), e.g. to hold out evaluation problems from training ones.
+
+    `with_carries=False` keeps only pairs whose columns never carry: each answer digit is
+    then one digit sum, which a tiny model learns (and generalises to unseen pairs) within
+    a CPU test's budget; carrying takes it several times longer.
+    """
     rng = random.Random(f"{seed}/addition/{digits}")
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
     if n > (hi - lo + 1) ** 2 - len(exclude or ()):
         raise ValueError(f"only {(hi - lo + 1) ** 2} distinct {digits}-digit pairs exist")
+    if not with_carries and digits > 3:
+        raise ValueError("with_carries=False lists every pair, so digits must be 1, 2 or 3")
+    if not with_carries:
+        space = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)
+                 if not carries(a, b) and (a, b) not in (exclude or ())]
+        if n > len(space):
+            raise ValueError(f"only {len(space)} distinct {digits}-digit pairs without carries remain")
+        return [{**addition_problem(*pair), "pair": list(pair)} for pair in rng.sample(space, n)]
     seen, rows = set(exclude or ()), []
     while len(rows) < n:
         pair = (rng.randint(lo, hi), rng.randint(lo, hi))

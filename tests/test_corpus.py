@@ -107,3 +107,43 @@ def test_general_mixes_sources_docs_and_prose(corpus):
     assert any(d.startswith("Module ") for d in docs)
     assert any(not d.startswith(("# File:", "Module ")) for d in docs)
     assert any(not d.isascii() for d in docs)  # some non-English text
+
+
+@pytest.mark.parametrize("with_carries", [True, False])
+def test_addition_problems_hold_out_and_work_the_columns(with_carries):
+    from data_pipeline.corpus import addition_problems, carries
+
+    train = addition_problems(300, 2, seed=0, with_carries=with_carries)
+    held = addition_problems(40, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=with_carries)
+    pairs = [tuple(r["pair"]) for r in train + held]
+    assert len(set(pairs)) == len(pairs) == 340
+    assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in pairs)
+    if not with_carries:
+        assert not any(carries(a, b) for a, b in pairs)
+    else:
+        assert any(carries(a, b) for a, b in pairs)
+    for r in train[:50]:
+        a, b = r["pair"]
+        user, assistant = r["messages"]
+        assert user["content"] == f"What is {a}+{b}?" and r["reference"] == str(a + b)
+        assert assistant["content"] == f"\\boxed{{{a + b}}}"
+        units = assistant["reasoning_content"].splitlines()[0]
+        assert units == f"{a % 10}+{b % 10}={a % 10 + b % 10}"
+
+
+def test_carries():
+    from data_pipeline.corpus import carries
+
+    assert [carries(a, b) for a, b in [(15, 14), (15, 15), (91, 10), (5, 995), (0, 0)]] == \
+        [False, True, True, True, False]
+
+
+def test_addition_problems_refuse_impossible_requests():
+    from data_pipeline.corpus import addition_problems
+
+    with pytest.raises(ValueError, match="without carries remain"):
+        addition_problems(2000, 2, seed=0, with_carries=False)
+    with pytest.raises(ValueError, match="digits must be 1, 2 or 3"):
+        addition_problems(10, 4, seed=0, with_carries=False)
+    with pytest.raises(ValueError, match="distinct 1-digit pairs exist"):
+        addition_problems(82, 1, seed=0)

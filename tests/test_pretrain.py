@@ -59,6 +59,9 @@ def test_tiny_chain(tmp_path, pretrain_data):
     check_chain(run, "tiny")
 
 
+# The dense chain above runs the recipe; MoE training is covered per step by
+# test_train_step and test_deepspeed, so the MoE chain is the slower twin.
+@pytest.mark.slow
 def test_tiny_moe_chain(tmp_path, pretrain_data):
     run = run_chain(tmp_path, pretrain_data, "tiny_moe")
     metrics = check_chain(run, "tiny_moe")
@@ -68,8 +71,9 @@ def test_tiny_moe_chain(tmp_path, pretrain_data):
 
 
 @pytest.mark.parametrize("model,layout", [
-    ("tiny", "parallel.tp=2"),
-    # PP is covered per step by test_train_step; the PP chain is the slower twin.
+    # TP=2 training is covered by test_resume's TP=2 -> TP=1 resume and the SLURM tests,
+    # PP per step by test_train_step; the two-rank chains are their slower twins.
+    pytest.param("tiny", "parallel.tp=2", marks=pytest.mark.slow),
     pytest.param("tiny_moe", "parallel.pp=2", marks=pytest.mark.slow),
 ])
 def test_chain_on_two_ranks(tmp_path, pretrain_data, model, layout):

@@ -1,10 +1,21 @@
 """SFT stages end to end on CPU: a tiny Qwen3 learns a generated verifiable task.
 
 The base model is a random HF Qwen3 converted with model.convert (so the stages are shown
-to start from "any converted Qwen3 checkpoint"). Cold-start SFT trains it on column
-addition with the digit sums in <think>; greedy answers on held-out problems are scored
-with the math verifier (math-verify) before and after. Thinking-mode fusion then starts
-from the cold-start stage by name.
+to start from "any converted Qwen3 checkpoint"). Cold-start SFT trains it on two-digit
+column addition with the digit sums in <think>; greedy answers on held-out problems
+(pairs never seen in training) are scored with the math verifier (math-verify) before and
+after. Thinking-mode fusion then starts from the cold-start stage by name.
+
+Two choices make the task learnable within a CPU test (measured with the same model shape
+and schedule, see the SFT issue's closing note):
+- no column carries, so each answer digit is one digit sum (with carries the same budget
+  reaches ~25% held-out exact match);
+- `tiny` with untied embeddings. From a *random* init with the tied 151,936-row table,
+  Adam pushes every row that never appears in the data the same way, and that shared
+  drift also swamps the digits' own (input) embeddings: the model stops telling digits
+  apart and answers with the training prior (4% exact match at this budget, against 93%
+  untied; with a 30-row vocabulary, tied learns as fast). A pretrained base, as in the
+  real pipeline, has no such problem.
 """
 
 from __future__ import annotations
@@ -12,18 +23,20 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 
 import pytest
 
 from recipes.run_log import read_metrics
 from tests.conftest import make_hf_model, python_module, read_json, run
 
-TRAIN_PROBLEMS, HELD_OUT = 1000, 40
-STEPS = 60
-SFT_ARGS = ["trainer.seq_length=128", "trainer.global_batch_size=8", "trainer.micro_batch_size=8",
-            f"trainer.max_steps={STEPS}", f"trainer.save_interval={STEPS}", "trainer.log_interval=10",
-            "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=5", "logging.progress=false",
-            "logging.wandb.mode=disabled"]
+TRAIN_PROBLEMS, HELD_OUT = 1200, 40
+STEPS = 150
+# Every training conversation is 52 tokens (51 next-token positions): two fill a row exactly.
+SFT_ARGS = ["model.tie_word_embeddings=false", "trainer.seq_length=102", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}", f"trainer.save_interval={STEPS}",
+            "trainer.log_interval=10", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=5",
+            "logging.progress=false", "logging.wandb.mode=disabled"]
 # A well-formed Qwen3 thinking answer: the think block, then the answer in \boxed{}.
 WELL_FORMED = re.compile(r"<think>\n[^<]+\n</think>\n\n\\boxed\{\d+\}")
 
@@ -37,11 +50,12 @@ def task(tmp_path_factory, qwen3_tokenizer_dir):
     from data_pipeline.corpus import addition_problems
 
     root = tmp_path_factory.mktemp("sft")
-    train = addition_problems(TRAIN_PROBLEMS, 2, seed=0)
-    held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train})
+    train = addition_problems(TRAIN_PROBLEMS, 2, seed=0, with_carries=False)
+    held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=False)
     _write_jsonl(root / "train.jsonl", train)
     _write_jsonl(root / "held.jsonl", held)
-    hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0)
+    hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0,
+                       tie_word_embeddings=False)
     python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / "base")
     return root
 
@@ -49,7 +63,7 @@ def task(tmp_path_factory, qwen3_tokenizer_dir):
 def sft(task, tokenizer, *overrides, check=True):
     cmd = [sys.executable, "-m", "recipes.sft", f"run.root={task / 'runs'}", "run.name=arith",
            f"sft.data.tokenizer={tokenizer}", *SFT_ARGS, *map(str, overrides)]
-    return run(cmd, check=check, timeout=1200)
+    return run(cmd, check=check, timeout=1200, threads=2)
 
 
 def evaluate(task, tokenizer, checkpoint, name) -> dict:
@@ -73,7 +87,7 @@ def cold_start(task, qwen3_tokenizer_dir):
     return task / "runs" / "arith" / "sft_cold_start"
 
 
-def test_cold_start_loss_falls_and_answers_take_the_qwen3_form(task, qwen3_tokenizer_dir, cold_start):
+def test_cold_start_learns_the_task(task, qwen3_tokenizer_dir, cold_start):
     metrics = read_metrics(cold_start)
     steps = [metrics[k] for k in sorted(metrics)]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
@@ -82,12 +96,15 @@ def test_cold_start_loss_falls_and_answers_take_the_qwen3_form(task, qwen3_token
     assert 0.5 < steps[-1]["data/packing_efficiency"] <= 1
     before = evaluate(task, qwen3_tokenizer_dir, task / "base", "before")
     after = evaluate(task, qwen3_tokenizer_dir, cold_start, "after")
-    # Exact match is recorded, not asserted: at this CPU budget the tiny model learns the
-    # format but not yet to read the operands (see the closing note of the SFT issue).
-    print(f"held-out: base {before}, after cold-start SFT {after}")
-    (task / "accuracy.json").write_text(json.dumps({"before": before, "after": after}))
+    held = [json.loads(line) for line in (task / "held.jsonl").read_text().splitlines()]
+    # What answering one fixed number would score: the bar for having read the operands.
+    constant = max(Counter(r["reference"] for r in held).values()) / len(held)
+    print(f"held-out: base {before}, after cold-start SFT {after}, best constant answer {constant}")
+    (task / "accuracy.json").write_text(json.dumps({"before": before, "after": after, "constant": constant}))
     assert before["well_formed"] == 0
     assert after["well_formed"] >= 0.9
+    assert after["exact_match"] >= 0.5
+    assert after["exact_match"] >= max(before["exact_match"], constant) + 0.4
 
 
 def test_fusion_starts_from_cold_start(task, qwen3_tokenizer_dir, cold_start):
