@@ -21,22 +21,18 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_VOCAB = 2048  # small vocabulary keeps the HF references fast; tiny's own is 151,936
 
 
-def _env(threads: int | None = None) -> dict:
+def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     # One thread per process: most commands start one rank per core.
     env.setdefault("OMP_NUM_THREADS", "1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True, threads: int | None = None
-        ) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; on failure show the end of its output.
-    `threads`: OMP threads for a command that runs a single process (all cores)."""
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(threads), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; on failure show the end of its output."""
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{tail}")

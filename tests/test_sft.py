@@ -63,7 +63,7 @@ def task(tmp_path_factory, qwen3_tokenizer_dir):
 def sft(task, tokenizer, *overrides, check=True):
     cmd = [sys.executable, "-m", "recipes.sft", f"run.root={task / 'runs'}", "run.name=arith",
            f"sft.data.tokenizer={tokenizer}", *SFT_ARGS, *map(str, overrides)]
-    return run(cmd, check=check, timeout=1200, threads=2)
+    return run(cmd, check=check, timeout=1200)
 
 
 def evaluate(task, tokenizer, checkpoint, name) -> dict:
