@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-slow test-all params bench-data bench-train slurm-up slurm-down clean
+.PHONY: setup test test-slow test-all params bench-data bench-train bench-rollout slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ bench-data: setup
 # (tiny and tiny_moe; on a GPU pass real sizes: see docs/PERFORMANCE.md).
 bench-train: setup
 	$(PY) -m bench.train
+
+# Rollout decoding throughput, KV cache vs recomputing the prefix, same model and prompts
+# (greedy and sampled); a real size on a GPU: .venv/bin/python -m bench.rollout --model qwen3_0_6b
+bench-rollout: setup
+	$(PY) -m bench.rollout
 
 # A one-node SLURM on this machine for trying the templates (root: installs slurm and munge
 # when missing). `make test` starts and stops it by itself.

@@ -31,6 +31,33 @@ def forward_logits(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | Non
 
     `segment_ids` [batch, seq] marks packed documents (model.packing); None: one causal row.
     """
+    outputs = forward_only(chunks, tokens, segment_ids, gather_from_tensor_model_parallel_region)
+    return None if outputs is None else torch.cat(outputs, dim=0)
+
+
+@torch.no_grad()
+def forward_token_logprobs(chunks, tokens: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                           vocab_limit: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """log p(targets | prefix) [batch, seq] at `temperature`, on last-pipeline-stage ranks
+    (None on the others), without gathering the vocabulary over TP. With `mask`, only the
+    masked positions are computed (the others are 0)."""
+    device = model_device(chunks)
+    targets = targets.to(device)
+    mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.to(device).bool()
+    rows = iter(zip(targets.split(1), mask.split(1)) if len(chunks) > 1 else [(targets, mask)])
+
+    def logprobs(logits):
+        t, m = next(rows)
+        logp = target_logprobs_and_entropy(logits[m], t[m], temperature, vocab_limit)[0]
+        return torch.zeros(m.shape, dtype=logp.dtype, device=logp.device).masked_scatter(m, logp)
+
+    outputs = forward_only(chunks, tokens, None, logprobs)
+    return None if outputs is None else torch.cat(outputs, dim=0)
+
+
+def forward_only(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | None, collect) -> list | None:
+    """megatron-core's pipeline schedule in forward-only mode: `collect(vocab-parallel
+    logits)` per micro-batch, in order, on last-pipeline-stage ranks; None on the others."""
     for c in chunks:
         c.eval()
     device = model_device(chunks)
@@ -49,10 +76,10 @@ def forward_logits(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | Non
             positions = segment_positions(seg)
         output = model(batch, positions, attention_mask=mask, packed_seq_params=packed)
 
-        def collect(output_tensor, non_loss_data=False):
-            return gather_from_tensor_model_parallel_region(output_tensor)
+        def collect_output(output_tensor, non_loss_data=False):
+            return collect(output_tensor)
 
-        return output, collect
+        return output, collect_output
 
     data = iter(pairs) if len(chunks) == 1 else [iter(pairs) for _ in chunks]
     outputs = get_forward_backward_func()(
@@ -67,4 +94,38 @@ def forward_logits(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | Non
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return torch.cat(outputs, dim=0)
+    return outputs
+
+
+def target_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                                vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy), each [batch, seq], from vocab-parallel logits [batch, seq,
+    vocab / tp] of softmax(logits / temperature), differentiable. `vocab_limit` leaves the
+    padded rows past the tokenizer's vocabulary out, as sampling does (recipes.generate).
+
+    Each TP rank holds a contiguous slice of the vocabulary; the softmax normaliser, the
+    target's logit and the entropy's sum are reduced over TP with megatron-core's
+    all-reduce whose backward is the identity, so every rank's slice gets its gradient.
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
+
+    z = logits.float() / temperature
+    local = z.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * local
+    if vocab_limit is not None and first + local > vocab_limit:
+        padded = torch.arange(first, first + local, device=z.device) >= vocab_limit
+        z = z.masked_fill(padded, -1e30)   # not -inf: exp(z) * z must stay 0, not nan
+    peak = z.detach().max(-1, keepdim=True).values
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_tensor_model_parallel_group())
+    z = z - peak
+    index = targets.to(z.device) - first
+    mine = (index >= 0) & (index < local)
+    target_z = tp_sum(torch.where(mine, z.gather(-1, index.clamp(0, local - 1).unsqueeze(-1)).squeeze(-1),
+                                  torch.zeros((), device=z.device)))
+    exp = z.exp()
+    total = tp_sum(exp.sum(-1))
+    log_total = total.log()
+    entropy = log_total - tp_sum((exp * z).sum(-1)) / total
+    return target_z - log_total, entropy

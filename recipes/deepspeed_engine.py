@@ -29,7 +29,7 @@ import torch
 
 from model.config import ConfigError, ModelConfig, ParallelConfig
 from model.ds_convert import DS_METADATA, read_deepspeed_metadata
-from recipes.engine import MoEMetrics, _global_mean_loss, expert_load_ratio, forward_per_token
+from recipes.engine import MoEMetrics, _global_means, expert_load_ratio, forward_per_token
 
 BACKENDS = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
@@ -191,6 +191,7 @@ class DeepSpeedEngine(MoEMetrics):
     scheduler: object                    # megatron-core OptimizerParamScheduler
     zero_stage: int
     loss_fn: Callable = None
+    report_keys: tuple = ("lm loss",)         # as Engine.report_keys
     steps: int = 0
     _load_ratio: torch.Tensor | None = None   # MoE: set after each step's backward passes
 
@@ -228,8 +229,8 @@ class DeepSpeedEngine(MoEMetrics):
             self.ds.backward(loss_sum / num_tokens.clamp(min=1))
             reports.append(report)
             self.ds.step()   # applies the update only at the accumulation boundary
-        metrics = {"loss": _global_mean_loss(reports, next(self.ds.module.parameters()).device),
-                   "lr": self.ds.get_lr()[0]}
+        means = _global_means(reports, next(self.ds.module.parameters()).device, self.report_keys)
+        metrics = {"loss": means.pop("lm loss"), **means, "lr": self.ds.get_lr()[0]}
         if self.model_cfg.is_moe:
             from megatron.core.distributed.finalize_model_grads import reset_model_temporary_tensors
 

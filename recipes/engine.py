@@ -80,7 +80,8 @@ def lm_batch(tokens: torch.Tensor) -> dict:
 
 
 def forward_per_token(model, batch: dict) -> tuple[dict, torch.Tensor]:
-    """(the batch on the model's device, per-token LM loss [b, s]) for one micro-batch.
+    """(the batch on the model's device, per-token LM loss [b, s]) for one micro-batch;
+    a batch without `labels` (RL) gets the vocab-parallel logits [b, s, vocab / tp] instead.
 
     Shared by both training engines, so that they see the same model inputs.
     """
@@ -88,7 +89,7 @@ def forward_per_token(model, batch: dict) -> tuple[dict, torch.Tensor]:
     batch = {k: v.to(device) for k, v in batch.items()}
     # Packed rows (SFT) keep their documents apart; plain rows are causal over the row.
     mask, packed = attention_inputs(batch.get("segment_ids"), use_te=te_available())
-    per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
+    per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch.get("labels"),
                       packed_seq_params=packed)
     return batch, per_token
 
@@ -144,6 +145,9 @@ class Engine(MoEMetrics):
     optimizer: object
     scheduler: OptimizerParamScheduler
     loss_fn: Callable = field(default=masked_lm_loss)
+    # Entries of loss_fn's report, each [sum, count], averaged over the global batch and
+    # logged under their own name ("lm loss" is logged as "loss").
+    report_keys: tuple = ("lm loss",)
     steps: int = 0
     _load_ratio: torch.Tensor | None = None   # set by finalize_grads for the MoE metric
 
@@ -175,8 +179,9 @@ class Engine(MoEMetrics):
             forward_only=False,
         )
         device = next(self.chunks[0].parameters()).device
-        loss = _global_mean_loss(losses, device)
-        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        means = _global_means(losses, device, self.report_keys)
+        loss = means.pop("lm loss")
+        metrics = {"loss": loss, **means, "lr": self.optimizer.param_groups[0]["lr"]}
         if self.model_cfg.is_moe:
             metrics.update(self._moe_metrics(len(microbatches)))
         if not math.isfinite(loss):
@@ -200,16 +205,17 @@ class Engine(MoEMetrics):
         return finalize_model_grads(model, *args, **kwargs)
 
 
-def _global_mean_loss(losses: list, device: torch.device) -> float:
-    """Token-weighted mean over micro-batches and DP ranks, made known to every rank."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device NCCL reduces
+def _global_means(losses: list, device: torch.device, keys: tuple) -> dict[str, float]:
+    """Each report key's sum / count over micro-batches and DP ranks, known to every rank."""
+    total = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)  # on the device NCCL reduces
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for entry in losses:
-            total += entry["lm loss"].to(device, torch.float64)
+            for i, key in enumerate(keys):
+                total[i] += entry[key].to(device, torch.float64)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    # Only the last stage has the loss; a sum over the pipeline group broadcasts it.
+    # Only the last stage has the losses; a sum over the pipeline group broadcasts them.
     dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    return {key: (total[i, 0] / total[i, 1].clamp(min=1e-12)).item() for i, key in enumerate(keys)}
 
 
 def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig | None = None,

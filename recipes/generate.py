@@ -110,13 +110,17 @@ class _Recompute:
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
 
     def __call__(self, tokens: torch.Tensor, cur: int) -> torch.Tensor | None:
-        from model.inference import forward_logits
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        from model.inference import forward_only
 
         # sequence parallelism splits the sequence over TP ranks: pad to a multiple of TP;
         # with causal attention the padding after position cur-1 changes nothing before it
         width = -(-cur // self.tp) * self.tp
-        logits = forward_logits(self.chunks, tokens[:, :width])
-        return None if logits is None else logits[:, cur - 1]
+        # only the last position's logits are gathered and kept (not [batch, width, vocab])
+        out = forward_only(self.chunks, tokens[:, :width], None,
+                           lambda logits: gather_from_tensor_model_parallel_region(logits[:, cur - 1]))
+        return None if out is None else torch.cat(out, dim=0)
 
 
 class _Cached:
@@ -253,6 +257,19 @@ def prompt_messages(row: dict) -> list[dict]:
     raise ValueError("row has neither 'messages' nor 'prompt'")
 
 
+def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = True) -> list[int]:
+    """The prompt's tokens in the Qwen3 chat format, ending in the generation prompt."""
+    from data_pipeline.chat import render
+
+    return tokenizer.encode(render(messages, add_generation_prompt=True, enable_thinking=enable_thinking).text,
+                            add_special_tokens=False)
+
+
+def response_text(tokenizer, generation: Generation, stop: list[int]) -> str:
+    """The generated assistant turn as text, without its stop token."""
+    return tokenizer.decode([t for t in generation.tokens if t not in stop], skip_special_tokens=False)
+
+
 def split_response(text: str) -> tuple[str | None, str]:
     """(thinking, answer) of a generated assistant turn."""
     if "</think>" in text:
@@ -276,7 +293,6 @@ def run_cli(cfg) -> int:
     """Validate, (re)launch, generate. Returns the exit code."""
     from omegaconf import OmegaConf
 
-    from data_pipeline.chat import render
     from data_pipeline.tokenizer import load_tokenizer
     from model.checkpoint import load_model, read_model_config
     from model.config import ParallelConfig, from_dict
@@ -346,16 +362,13 @@ def run_cli(cfg) -> int:
     with open(out_path, "a", encoding="utf-8") if rank0 else contextlib.nullcontext() as f:
         for b in range(0, len(rows), int(cfg.batch_size)):
             part = rows[b:b + int(cfg.batch_size)]
-            prompts = [tokenizer.encode(render(m, add_generation_prompt=True,
-                                               enable_thinking=bool(cfg.enable_thinking)).text,
-                                        add_special_tokens=False) for _, m in part]
+            prompts = [prompt_ids(tokenizer, m, bool(cfg.enable_thinking)) for _, m in part]
             gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop, sampling, budget,
                             vocab_limit=len(tokenizer))
             if not rank0:
                 continue
             for (row, _), g in zip(part, gens):
-                kept = [t for t in g.tokens if t not in stop]
-                text = tokenizer.decode(kept, skip_special_tokens=False)
+                text = response_text(tokenizer, g, stop)
                 thinking_text, answer = split_response(text)
                 f.write(json.dumps({**{k: v for k, v in row.items() if k not in ("messages",)},
                                     "response": text, "thinking": thinking_text, "answer": answer,

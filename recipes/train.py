@@ -78,6 +78,13 @@ class Task:
     # counters -> metrics to log (e.g. data-mix fractions)
     summarize: Callable[[dict], dict] | None = None
     tokens_per_step: int = 0
+    # the step's metrics -> more metrics to log (RL: rollout statistics, entropy control)
+    after_step: Callable[[dict], dict] | None = None
+    # loss_fn report entries ([sum, count]) to average and log besides "lm loss"
+    report_keys: tuple = ()
+    # the stage's own state (RL: prompt cursor, entropy coefficient): saved in every
+    # checkpoint and restored on resume, so it must stay picklable
+    state: dict = field(default_factory=dict)
 
 
 class Recipe(Protocol):
@@ -326,6 +333,9 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     task = recipe.task(cfg, s, engine)
     if task.loss_fn is not None:
         engine.loss_fn = task.loss_fn
+    engine.report_keys = ("lm loss", *task.report_keys)
+    task.state.update(state.get("task", {}))
+    state["task"] = task.state
     log = RunLog(s.stage_dir, str(cfg.run.name), str(cfg.stage.name), OmegaConf.to_container(cfg, resolve=True),
                  state["step"], t.max_steps, t.log_interval, OmegaConf.to_container(cfg.logging.wandb),
                  bool(cfg.logging.progress), enabled=rank0)
@@ -370,6 +380,8 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
                            nan_steps=state["nan_steps"], consumed_samples=state["consumed_samples"])
             if task.summarize is not None:
                 metrics.update(task.summarize(state["counts"]))
+            if task.after_step is not None:
+                metrics.update(task.after_step(metrics))
             log.step(step, metrics)
 
             stopping = _agreed_stop(stop)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,65 @@ def pretrain_command(run_root: Path, data_root: Path, *overrides, nprocs: int | 
 def pretrain(run_root: Path, data_root: Path, *overrides, nprocs: int | None = None, check: bool = True,
              timeout: int = 600) -> subprocess.CompletedProcess:
     return run(pretrain_command(run_root, data_root, *overrides, nprocs=nprocs), check=check, timeout=timeout)
+
+
+# ---- the arithmetic task shared by the SFT and RL tests ----
+
+TRAIN_PROBLEMS, HELD_OUT = 1200, 40
+STEPS = 150
+# Every training conversation is 52 tokens (51 next-token positions): two fill a row exactly.
+SFT_ARGS = ["model.tie_word_embeddings=false", "trainer.seq_length=102", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}", f"trainer.save_interval={STEPS}",
+            "trainer.log_interval=10", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=5",
+            "logging.progress=false", "logging.wandb.mode=disabled"]
+# A well-formed Qwen3 thinking answer: the think block, then the answer in \boxed{}.
+WELL_FORMED = re.compile(r"<think>\n[^<]+\n</think>\n\n\\boxed\{\d+\}")
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="session")
+def arith_task(tmp_path_factory, qwen3_tokenizer_dir):
+    from data_pipeline.corpus import addition_problems
+
+    root = tmp_path_factory.mktemp("sft")
+    train = addition_problems(TRAIN_PROBLEMS, 2, seed=0, with_carries=False)
+    held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=False)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "held.jsonl", held)
+    hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0,
+                       tie_word_embeddings=False)
+    python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / "base")
+    return root
+
+
+def arith_sft(task, tokenizer, *overrides, check=True):
+    cmd = [sys.executable, "-m", "recipes.sft", f"run.root={task / 'runs'}", "run.name=arith",
+           f"sft.data.tokenizer={tokenizer}", *SFT_ARGS, *map(str, overrides)]
+    return run(cmd, check=check, timeout=1200)
+
+
+def evaluate(task, tokenizer, checkpoint, name, held: str = "held.jsonl", max_new_tokens: int = 40,
+             well_formed: re.Pattern = WELL_FORMED) -> dict:
+    """Greedy answers to held-out problems: exact match (math verifier) and format rate."""
+    from recipes.rewards.math import math_reward
+
+    out = task / f"{name}.jsonl"
+    python_module("recipes.generate", f"checkpoint={checkpoint}", f"tokenizer={tokenizer}", f"input={task / held}",
+                  f"output={out}", f"max_new_tokens={max_new_tokens}", "batch_size=40", "progress=false")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len((task / held).read_text().splitlines())
+    return {"exact_match": sum(math_reward(r["answer"], r["reference"]) for r in rows) / len(rows),
+            "well_formed": sum(bool(well_formed.fullmatch(r["response"])) for r in rows) / len(rows)}
+
+
+@pytest.fixture(scope="session")
+def arith_cold_start(arith_task, qwen3_tokenizer_dir):
+    """Cold-start SFT of the arithmetic task: tests/test_sft.py checks what it learned, and
+    tests/test_rl.py starts its own SFT + RL from it (a model that knows the chat format)."""
+    task = arith_task
+    arith_sft(task, qwen3_tokenizer_dir, "stage=sft_cold_start", f"init_from={task / 'base'}",
+              f"sft.data.files=[{task / 'train.jsonl'}]")
+    return task / "runs" / "arith" / "sft_cold_start"

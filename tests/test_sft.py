@@ -21,70 +21,23 @@ and schedule, see the SFT issue's closing note):
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 
 import pytest
 
 from recipes.run_log import read_metrics
-from tests.conftest import make_hf_model, python_module, read_json, run
-
-TRAIN_PROBLEMS, HELD_OUT = 1200, 40
-STEPS = 150
-# Every training conversation is 52 tokens (51 next-token positions): two fill a row exactly.
-SFT_ARGS = ["model.tie_word_embeddings=false", "trainer.seq_length=102", "trainer.global_batch_size=8",
-            "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}", f"trainer.save_interval={STEPS}",
-            "trainer.log_interval=10", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=5",
-            "logging.progress=false", "logging.wandb.mode=disabled"]
-# A well-formed Qwen3 thinking answer: the think block, then the answer in \boxed{}.
-WELL_FORMED = re.compile(r"<think>\n[^<]+\n</think>\n\n\\boxed\{\d+\}")
-
-
-def _write_jsonl(path, rows) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+from tests.conftest import STEPS, arith_sft as sft, evaluate, read_json, run, write_jsonl as _write_jsonl
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory, qwen3_tokenizer_dir):
-    from data_pipeline.corpus import addition_problems
-
-    root = tmp_path_factory.mktemp("sft")
-    train = addition_problems(TRAIN_PROBLEMS, 2, seed=0, with_carries=False)
-    held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=False)
-    _write_jsonl(root / "train.jsonl", train)
-    _write_jsonl(root / "held.jsonl", held)
-    hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0,
-                       tie_word_embeddings=False)
-    python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / "base")
-    return root
-
-
-def sft(task, tokenizer, *overrides, check=True):
-    cmd = [sys.executable, "-m", "recipes.sft", f"run.root={task / 'runs'}", "run.name=arith",
-           f"sft.data.tokenizer={tokenizer}", *SFT_ARGS, *map(str, overrides)]
-    return run(cmd, check=check, timeout=1200)
-
-
-def evaluate(task, tokenizer, checkpoint, name) -> dict:
-    """Greedy answers on the held-out problems: exact match (math verifier) and format rate."""
-    from recipes.rewards.math import math_reward
-
-    out = task / f"{name}.jsonl"
-    python_module("recipes.generate", f"checkpoint={checkpoint}", f"tokenizer={tokenizer}",
-                  f"input={task / 'held.jsonl'}", f"output={out}", "max_new_tokens=40", "batch_size=40",
-                  "progress=false")
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == HELD_OUT
-    return {"exact_match": sum(math_reward(r["answer"], r["reference"]) for r in rows) / len(rows),
-            "well_formed": sum(bool(WELL_FORMED.fullmatch(r["response"])) for r in rows) / len(rows)}
+def task(arith_task):
+    return arith_task
 
 
 @pytest.fixture(scope="module")
-def cold_start(task, qwen3_tokenizer_dir):
-    sft(task, qwen3_tokenizer_dir, "stage=sft_cold_start", f"init_from={task / 'base'}",
-        f"sft.data.files=[{task / 'train.jsonl'}]")
-    return task / "runs" / "arith" / "sft_cold_start"
+def cold_start(arith_cold_start):
+    return arith_cold_start
 
 
 def test_cold_start_learns_the_task(task, qwen3_tokenizer_dir, cold_start):

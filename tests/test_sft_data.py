@@ -143,18 +143,46 @@ def test_no_budget_and_non_thinking_prompts_are_left_alone(generations):
     assert generations["prompt_plain"][-6:] != generations["prompt_thinking"][-6:]
 
 
+def _same_generations(runs_a: list[dict], runs_b: list[dict], name: str) -> None:
+    assert len(runs_a) == len(runs_b), name
+    for a, b in zip(runs_a, runs_b):
+        assert a["tokens"] == b["tokens"], name
+        assert np.allclose(a["logprobs"], b["logprobs"], atol=1e-4), name
+
+
 def test_generation_same_at_tp2_and_logprobs_valid(generations):
-    for name, runs in generations["tp1"].items():
-        for g1, g2 in zip(runs, generations["tp2"][name]):
-            assert g1["tokens"] == g2["tokens"], name
-            assert np.allclose(g1["logprobs"], g2["logprobs"], atol=1e-4)
-            assert all(lp <= 1e-6 for lp in g1["logprobs"])
-    # the KV cache (used at TP=1) gives what recomputing the prefix gives
-    for cached, full in zip(generations["tp1"]["budget6"], generations["tp1"]["budget6_recompute"]):
-        assert cached["tokens"] == full["tokens"]
-        assert np.allclose(cached["logprobs"], full["logprobs"], atol=1e-4)
+    assert not generations["tp2"]["kv_cache_usable"]   # sequence parallelism: recomputed
+    for name, runs in generations["tp2"].items():
+        if name != "kv_cache_usable":
+            _same_generations(generations["tp1"][name], runs, name)
+            assert all(lp <= 1e-6 for g in generations["tp1"][name] for lp in g["logprobs"])
     s1, s2 = generations["tp1"]["sampled"]
     assert s1["tokens"] != s2["tokens"]   # sampling, not greedy
+
+
+@pytest.mark.parametrize("name", ["budget6", "mixed"])
+def test_kv_cache_equals_recompute_for_prompts_of_different_lengths(generations, name):
+    tp1 = generations["tp1"]
+    assert tp1["kv_cache_usable"]
+    lengths = {len(p) for p in (generations["prompt_mixed"] if name == "mixed"
+                                else [generations["prompt_thinking"], generations["prompt_plain"]])}
+    assert len(lengths) == len(tp1[name])   # every row's prompt has its own length
+    _same_generations(tp1[name], tp1[f"{name}_recompute"], name)
+
+
+@pytest.mark.parametrize("layout,reference,cached", [("pp2", "tp1", False),
+                                                     ("tiny_moe/ep2", "tiny_moe/tp1", True)])
+def test_greedy_rollouts_same_under_pp2_and_ep2(generations, layout, reference, cached):
+    assert generations[layout]["kv_cache_usable"] is cached
+    assert generations[reference]["kv_cache_usable"]
+    _same_generations(generations[reference]["mixed"], generations[layout]["mixed"], layout)
+    for g in generations[layout]["mixed"]:
+        assert len(g["tokens"]) == len(g["logprobs"]) == 16
+        # the random dense model mostly repeats a token, but its log-probs move from step to
+        # step, so a layout that saw a wrong prefix would not match them
+        assert np.ptp(g["logprobs"]) > 1e-2
+    # the MoE model has other weights: its tokens differ from the dense model's
+    assert generations["tiny_moe/tp1"]["mixed"][0]["tokens"] != generations["tp1"]["mixed"][0]["tokens"]
 
 
 def test_pick_top_k_and_top_p():

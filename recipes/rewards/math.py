@@ -176,7 +176,13 @@ def final_part(response: str) -> str:
     return response.rsplit("</think>", 1)[-1] if isinstance(response, str) else ""
 
 
-@register("math")
+def _math_reference_problem(reference) -> str | None:
+    if isinstance(reference, bool) or not isinstance(reference, (str, int, float)) or not str(reference).strip():
+        return f"math reference {reference!r} is not an answer"
+    return None
+
+
+@register("math", _math_reference_problem)
 def math_reward(response: str, reference: str) -> float:
     return 1.0 if answers_match(extract_answer(final_part(response)), reference) else 0.0
 
