@@ -147,6 +147,9 @@ SFT_ARGS = ["stage=sft_cold_start", "stage.init_from=null", "trainer.seq_length=
             "logging.wandb.mode=disabled"]
 
 
+# slow: the ZeRO-1/2/3 parity tests keep the engine in the default suite, and the SFT
+# tests keep the stage there; this is the cross-check of the two.
+@pytest.mark.slow
 def test_sft_stage_runs_on_deepspeed(tmp_path, qwen3_tokenizer_dir):
     from data_pipeline.corpus import addition_problems
 

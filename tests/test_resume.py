@@ -106,6 +106,9 @@ def test_bad_config_fails_before_training(tmp_path, pretrain_data, overrides, me
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").rglob("metrics.jsonl"))
 
 
+# slow: tests/test_slurm.py's preemption chain (default suite) has srun signal every task
+# of a running stage, which then checkpoints, exits 75 and is requeued.
+@pytest.mark.slow
 def test_signal_to_every_process_checkpoints_and_exits_75(tmp_path, pretrain_data):
     """SLURM's warning: finish the step, checkpoint, exit with EXIT_PREEMPTED. SLURM signals
     every process of the step, so it goes to the whole process group here, after a periodic
