@@ -136,12 +136,14 @@ class GRPOTask:
         """This DP rank's share of `prompts`, sampled G times each and scored, then gathered."""
         import torch.distributed as dist
 
-        from recipes.generate import Sampling, response_text
+        from dataclasses import replace
+
+        from recipes.generate import response_text
         from recipes.rewards import get_reward, safe_reward
 
         mine = prompts[self.dp_rank::self.dp_size]
         ids = [p.ids for p in mine for _ in range(self.g.group_size)]
-        sampling = Sampling(**{**self.sampling.__dict__, "seed": seed * 1000 + self.dp_rank})
+        sampling = replace(self.sampling, seed=seed * 1000 + self.dp_rank)
         gens = self.rollout_engine.generate(ids, self.g.max_new_tokens, sampling, self.budget) if ids else []
         part = Rollout(prompts=ids, responses=gens)
         for k, gen in enumerate(gens):
@@ -171,7 +173,8 @@ class GRPOTask:
                     whole.correct += p.correct[sl]
         return whole
 
-    def _rollout(self, index: int) -> Rollout:
+    def _rollout(self, index: int) -> tuple[Rollout, Rollout]:
+        """(the rollout to train on, everything sampled for it, dropped groups included)."""
         from recipes.grpo import informative_groups
 
         G, want = self.g.group_size, self.g.prompts_per_rollout
@@ -199,8 +202,7 @@ class GRPOTask:
         for name in ("prompts", "responses", "rewards", "correct"):   # top up with dropped groups
             getattr(kept, name).extend(getattr(spare, name)[:short * G])
         kept.rounds, kept.dropped_groups, kept.errors = rounds, dropped, seen.errors
-        self._seen = seen
-        return kept
+        return kept, seen
 
     # ------------------------------------------------------------------ tensors
     def _tensors(self, r: Rollout) -> dict:
@@ -247,7 +249,7 @@ class GRPOTask:
 
     def _prepare(self, index: int) -> dict:
         started = time.perf_counter()
-        r = self._rollout(index)
+        r, seen = self._rollout(index)
         generated = time.perf_counter() - started
         t = self._tensors(r)
         rows = self._my_rows()
@@ -257,7 +259,6 @@ class GRPOTask:
             t["ref_logp"] = self._logprobs(self.reference, t, rows)
         lengths = torch.tensor([float(len(g.tokens)) for g in r.responses])
         rewards = torch.tensor(r.rewards)
-        seen = self._seen
         self.rollout_metrics = {
             "rl/reward_mean": rewards.mean().item(), "rl/reward_std": rewards.std(unbiased=False).item(),
             "rl/accuracy": sum(seen.correct) / max(len(seen.correct), 1),

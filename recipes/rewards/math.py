@@ -42,7 +42,7 @@ DEFAULT_TIMEOUT_S = 5
 # added to the child's deadline: its alarms fire late under load
 DEADLINE_SLACK_S = 10.0
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A minus sign only when it is not a binary minus (`10-3` ends in 3, not -3).
 _NUMBER = re.compile(
     r"\\[dt]?frac\{-?\d+\}\{\d+\}"
@@ -50,9 +50,9 @@ _NUMBER = re.compile(
 _MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 
 
-def _boxed_contents(text: str) -> list[str]:
+def boxed_contents(text: str) -> list[str]:
     found = []
-    for m in _BOXED.finditer(text):
+    for m in BOXED.finditer(text):
         depth, i = 1, m.end()
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
@@ -66,7 +66,7 @@ def extract_answer(text: str) -> str | None:
     """The last complete `\\boxed{...}`'s content, else the last number, else None."""
     if not isinstance(text, str):
         return None
-    boxed = _boxed_contents(text)
+    boxed = boxed_contents(text)
     if boxed:
         return boxed[-1]
     numbers = _NUMBER.findall(text)

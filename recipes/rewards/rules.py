@@ -48,7 +48,7 @@ from typing import Any, Callable
 # package import module` accepts a partly-initialized module, so read its names only at call time.
 from data_pipeline import cold_start as _text
 from recipes.rewards import register
-from recipes.rewards.math import _BOXED, _boxed_contents, final_part
+from recipes.rewards.math import BOXED, boxed_contents, final_part
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -101,8 +101,8 @@ def format_boxed(response: str, reference: Any = None) -> float:
     if not format_think(response):
         return 0.0
     answer = split_think(response)[1]
-    complete = _boxed_contents(answer)
-    return 1.0 if len(_BOXED.findall(answer)) == 1 and len(complete) == 1 and complete[0] else 0.0
+    complete = boxed_contents(answer)
+    return 1.0 if len(BOXED.findall(answer)) == 1 and len(complete) == 1 and complete[0] else 0.0
 
 
 @register("no_think")
