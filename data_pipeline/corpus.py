@@ -423,38 +423,6 @@ def addition_problems(n: int, digits: int, seed: int, exclude: set | None = None
     return rows
 
 
-def parity_problem(number: int, answer: int | None = None) -> dict:
-    """A one-decision verifiable task: `number` mod 2. The reasoning is the last digit, the
-    answer `\\boxed{0}` or `\\boxed{1}` (digits only: the arithmetic task's tokens);
-    `answer` overrides the written answer (noisy data), "reference" is always the true one."""
-    truth = number % 2
-    return {"messages": [{"role": "user", "content": f"What is {number} mod 2?"},
-                         {"role": "assistant", "reasoning_content": str(number % 10),
-                          "content": f"\\boxed{{{truth if answer is None else answer}}}"}],
-            "reference": str(truth), "number": number}
-
-
-def parity_problems(n: int, seed: int, label_noise: float = 0.0, exclude: set | None = None,
-                    digits: int = 3) -> list[dict]:
-    """`n` distinct parity tasks of `digits`-digit numbers, none in `exclude`.
-
-    With `label_noise` p, that fraction of the written answers is a coin flip (the
-    reference stays true): SFT on p=1 teaches the format but not the rule, which is what
-    a verifier-driven RL stage then has to learn (tests/test_rl.py).
-    """
-    if not 0 <= label_noise <= 1:
-        raise ValueError(f"label_noise={label_noise} must be in [0, 1]")
-    rng = random.Random(f"{seed}/parity/{digits}")
-    space = [k for k in range(10 ** (digits - 1), 10 ** digits) if k not in (exclude or ())]
-    if n > len(space):
-        raise ValueError(f"only {len(space)} distinct {digits}-digit numbers remain")
-    rows = []
-    for number in rng.sample(space, n):
-        answer = rng.choice([0, 1]) if rng.random() < label_noise else None
-        rows.append(parity_problem(number, answer))
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.corpus", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")

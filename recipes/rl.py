@@ -19,6 +19,10 @@ Both stages run the shared loop (recipes/train.py); what is theirs is the `Task`
 4. Optimizer minibatches of `trainer.global_batch_size` sequences with the GRPO loss
    (recipes/grpo.py), then per-step metrics: reward, accuracy, response length, entropy,
    KL, clip fraction, rollout/training log-prob mismatch, and (MoE) load balance.
+5. Held-out evaluation (`rl.eval.files`): the mean reward of `rl.eval.samples` rollouts per
+   held-out prompt, before the first update, every `rl.eval.interval` steps and after the
+   last, logged as rl/eval_reward and rl/eval_accuracy with rl/eval_step (the updates the
+   policy had). Every evaluation uses the same seed, so two of them differ by the policy.
 
 Resume: the prompt cursor and the entropy coefficient are in every checkpoint. A stage
 killed in the middle of a rollout's minibatches draws a fresh rollout from the restored
@@ -97,7 +101,8 @@ class Rollout:
 class GRPOTask:
     """The RL stage's batches, loss and metrics (see the module docstring)."""
 
-    def __init__(self, cfg: DictConfig, s: Settings, engine, g: GRPOConfig, prompts, tokenizer, reference):
+    def __init__(self, cfg: DictConfig, s: Settings, engine, g: GRPOConfig, prompts, tokenizer, reference,
+                 eval_prompts=(), eval_samples: int = 1, eval_interval: int = 0):
         from megatron.core import parallel_state
 
         from recipes.generate import Sampling, stop_ids, thinking_budget
@@ -119,6 +124,8 @@ class GRPOTask:
         self.current: tuple[int, dict] | None = None   # (rollout index, its batch tensors)
         self.rollout_metrics: dict = {}
         self.rollout_step = False
+        self.eval_prompts, self.eval_samples, self.eval_interval = list(eval_prompts), eval_samples, eval_interval
+        self.pending_eval: dict = {}
 
     # ------------------------------------------------------------------ rollout
     def _next_prompts(self, n: int) -> list:
@@ -132,8 +139,9 @@ class GRPOTask:
             self.state["prompt_cursor"] = cursor + 1
         return out
 
-    def _sample_groups(self, prompts, seed: int) -> Rollout:
-        """This DP rank's share of `prompts`, sampled G times each and scored, then gathered."""
+    def _sample_groups(self, prompts, seed: int, group_size: int | None = None) -> Rollout:
+        """This DP rank's share of `prompts`, sampled `group_size` (default G) times each and
+        scored, then gathered."""
         import torch.distributed as dist
 
         from dataclasses import replace
@@ -141,13 +149,14 @@ class GRPOTask:
         from recipes.generate import response_text
         from recipes.rewards import get_reward, safe_reward
 
+        G = group_size or self.g.group_size
         mine = prompts[self.dp_rank::self.dp_size]
-        ids = [p.ids for p in mine for _ in range(self.g.group_size)]
+        ids = [p.ids for p in mine for _ in range(G)]
         sampling = replace(self.sampling, seed=seed * 1000 + self.dp_rank)
         gens = self.rollout_engine.generate(ids, self.g.max_new_tokens, sampling, self.budget) if ids else []
         part = Rollout(prompts=ids, responses=gens)
         for k, gen in enumerate(gens):
-            prompt = mine[k // self.g.group_size]
+            prompt = mine[k // G]
             text = response_text(self.tokenizer, gen, self.stop)
             total = 0.0
             for j, (name, weight, ref) in enumerate(prompt.rewards):
@@ -162,11 +171,11 @@ class GRPOTask:
         whole = Rollout()
         for p in parts:   # group g of rank r is prompt r + dp * g: order by prompt again
             whole.errors += p.errors
-        per_rank = [len(p.rewards) // self.g.group_size for p in parts]
+        per_rank = [len(p.rewards) // G for p in parts]
         for g_index in range(max(per_rank, default=0)):
             for r, p in enumerate(parts):
                 if g_index < per_rank[r]:
-                    sl = slice(g_index * self.g.group_size, (g_index + 1) * self.g.group_size)
+                    sl = slice(g_index * G, (g_index + 1) * G)
                     whole.prompts += p.prompts[sl]
                     whole.responses += p.responses[sl]
                     whole.rewards += p.rewards[sl]
@@ -203,6 +212,12 @@ class GRPOTask:
             getattr(kept, name).extend(getattr(spare, name)[:short * G])
         kept.rounds, kept.dropped_groups, kept.errors = rounds, dropped, seen.errors
         return kept, seen
+
+    def evaluate(self, updates: int) -> dict:
+        """Mean reward and accuracy of the held-out prompts' samples under the current policy."""
+        r = self._sample_groups(self.eval_prompts, seed=self.seed + 10 ** 6, group_size=self.eval_samples)
+        return {"rl/eval_reward": sum(r.rewards) / len(r.rewards), "rl/eval_accuracy": sum(r.correct) / len(r.correct),
+                "rl/eval_reward_errors": float(r.errors), "rl/eval_step": float(updates)}
 
     # ------------------------------------------------------------------ tensors
     def _tensors(self, r: Rollout) -> dict:
@@ -273,6 +288,8 @@ class GRPOTask:
     # ------------------------------------------------------------------ loop hooks
     def batches(self, consumed: int) -> list[dict]:
         index, offset = divmod(consumed, self.size)
+        if consumed == 0 and self.eval_prompts:   # the starting policy, once (not again on resume)
+            self.pending_eval = self.evaluate(0)
         self.rollout_step = self.current is None or self.current[0] != index
         if self.rollout_step:
             self.current = (index, self._prepare(index))
@@ -337,7 +354,12 @@ class GRPOTask:
         from recipes.grpo import next_entropy_coef
 
         out = {**self.rollout_metrics, "rl/entropy_coef": float(self.state["entropy_coef"]),
-               "rl/new_rollout": float(self.rollout_step)}
+               "rl/new_rollout": float(self.rollout_step), **self.pending_eval}
+        self.pending_eval = {}
+        updates = int(metrics["consumed_samples"]) // self.gbs
+        if self.eval_prompts and (updates == self.s.trainer.max_steps
+                                  or (self.eval_interval and updates % self.eval_interval == 0)):
+            out.update(self.evaluate(updates))
         if "rl/entropy" in metrics:
             self.state["entropy_coef"] = next_entropy_coef(float(self.state["entropy_coef"]), metrics["rl/entropy"],
                                                            self.g)
@@ -358,6 +380,13 @@ class RL:
         missing = [str(f) for f in d.files if not Path(str(f)).is_file()]
         if missing:
             raise ConfigError(f"rl.data.files: {', '.join(missing)} not found")
+        e = cfg.rl.get("eval") or {}
+        missing = [str(f) for f in e.get("files") or () if not Path(str(f)).is_file()]
+        if missing:
+            raise ConfigError(f"rl.eval.files: {', '.join(missing)} not found")
+        if int(e.get("samples", 1)) < 1 or int(e.get("interval", 0)) < 0:
+            raise ConfigError(f"rl.eval.samples={e.get('samples')} must be >= 1 and rl.eval.interval="
+                              f"{e.get('interval')} >= 0")
         t = s.trainer
         if (g.prompts_per_rollout * g.group_size) % t.global_batch_size:
             raise ConfigError(f"a rollout of rl.grpo.prompts_per_rollout*group_size={g.prompts_per_rollout}*"
@@ -401,6 +430,15 @@ class RL:
             print(describe(prompts, skipped), flush=True)
         if not prompts:
             raise ConfigError(f"rl.data.files hold no usable prompt ({describe(prompts, skipped)})")
+        e = cfg.rl.get("eval") or {}
+        held, held_skipped = [], {}
+        if e.get("files"):
+            held, held_skipped = read_prompts(list(e.files), OmegaConf.to_container(cfg.rl.rewards, resolve=True),
+                                              tokenizer, s.trainer.seq_length - g.max_new_tokens, g.enable_thinking)
+            if dist.get_rank() == 0:
+                print("held-out " + describe(held, held_skipped), flush=True)
+            if not held:
+                raise ConfigError(f"rl.eval.files hold no usable prompt ({describe(held, held_skipped)})")
         reference = None
         if g.uses_reference:
             # The stage's starting weights, also after a resume (which loads the policy from
@@ -411,7 +449,8 @@ class RL:
             for c in reference:
                 c.eval().requires_grad_(False)
         install_model_rewards(cfg, s, tokenizer)
-        work = GRPOTask(cfg, s, engine, g, prompts, tokenizer, reference)
+        work = GRPOTask(cfg, s, engine, g, prompts, tokenizer, reference, held, int(e.get("samples", 1)),
+                        int(e.get("interval", 0)))
         counts = {"data/skipped_rows": float(sum(skipped.values())), "data/prompts": float(len(prompts))}
         return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step,
                     report_keys=REPORT_KEYS, state=work.state, summarize=lambda _: counts,

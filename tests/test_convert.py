@@ -36,7 +36,7 @@ def test_round_trip_is_bitwise(hf_dirs, converted, tmp_path, variant):
 
 
 @pytest.mark.parametrize("variant,layout", [("moe", ["--tp", "2", "--ep", "2"]),
-                                            ("dense_tied", ["--pp", "2"])])
+                                            pytest.param("dense_tied", ["--pp", "2"], marks=pytest.mark.slow)])
 def test_round_trip_from_sharded_checkpoint(hf_dirs, tmp_path, variant, layout):
     """Written by 2 ranks at TP=2/EP=2 (MoE export with EP>1) or PP=2 with tied embeddings."""
     ckpt = tmp_path / "ckpt"

@@ -59,6 +59,7 @@ def test_bfloat16_logits_match_hf(parity, variant, layout):
     assert m["top1_agreement"] >= BF16_TOP1, m
 
 
+@pytest.mark.slow   # ~17 s; the logits comparison itself is in the default suite
 def test_compare_hf_cli_reports_metrics(hf_dirs, converted):
     """The user-facing command prints the metrics (here at TP=2, re-launching itself)."""
     from tests.conftest import python_module

@@ -81,6 +81,7 @@ def test_chain_on_two_ranks(tmp_path, pretrain_data, model, layout):
     check_chain(run, model)
 
 
+@pytest.mark.slow   # ~27 s
 def test_recompute_and_wandb_offline(tmp_path, pretrain_data):
     """Full activation recompute changes memory, not results; wandb logs offline by default."""
     common = ["model=tiny", "trainer.max_steps=2", "trainer.save_interval=100"]

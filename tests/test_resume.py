@@ -58,6 +58,7 @@ def test_sigkill_resume_is_bit_exact(tmp_path, pretrain_data, model, dist_opt):
     assert [p.name for p in complete_checkpoints(stage)] == [f"iter_{STEPS - 1:07d}", f"iter_{STEPS:07d}"]
 
 
+@pytest.mark.slow   # ~70 s; the SIGKILL and SLURM requeue resumes stay in the default suite
 def test_tp2_checkpoint_resumes_at_tp1(tmp_path, pretrain_data):
     # A fixed decay length, so that runs of 3 and 4 steps share one LR schedule.
     common = ["model=tiny", "optim.decay_steps=10", "trainer.save_interval=1"]

@@ -196,3 +196,27 @@ def test_pick_top_k_and_top_p():
     assert set(ids.tolist()) == {1}
     ids, logp = _pick(logits[:1], Sampling(), g)
     assert ids.tolist() == [1] and logp.item() == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())
+
+
+def test_pick_draws_follow_the_tempered_distribution():
+    """The inverse-CDF sampler: frequencies match softmax(logits / T) on a real-size
+    vocabulary, tokens without mass (top-k) are never drawn, and a seed repeats its draws."""
+    from recipes.generate import Sampling, _pick
+
+    vocab, rows, rounds = 151936, 500, 16   # 8,000 draws, 500 x vocab floats at a time
+    marked = torch.tensor([5, 70000, vocab - 1])   # the last row too: off-by-one bait
+    logits = torch.full((vocab,), -30.0)
+    logits[marked] = torch.tensor([1.0, 0.0, 2.0])
+    logits = logits.repeat(rows, 1)
+    for temperature in (1.0, 0.5):
+        expected = torch.softmax(logits[0] / temperature, -1)[marked]
+        g = torch.Generator().manual_seed(1)
+        draws = [_pick(logits, Sampling(temperature=temperature), g) for _ in range(rounds)]
+        ids, logp = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+        freq = torch.stack([(ids == k).float().mean() for k in marked])
+        assert torch.allclose(freq, expected, atol=0.02), (temperature, freq, expected)
+        assert torch.allclose(logp.exp(), expected[torch.searchsorted(marked, ids)])
+    ids, _ = _pick(logits, Sampling(temperature=1.0, top_k=2), torch.Generator().manual_seed(2))
+    assert set(ids.tolist()) == {5, vocab - 1}
+    again, _ = _pick(logits, Sampling(temperature=1.0, top_k=2), torch.Generator().manual_seed(2))
+    assert torch.equal(ids, again)
