@@ -93,7 +93,7 @@ def check_objective(rank: int) -> dict:
         task.size = task.gbs = n
         task.dp_rank, task.dp_size = 0, 1
         task.s = SimpleNamespace(trainer=SimpleNamespace(micro_batch_size=2))
-        task.current = (0, t)
+        task.current, task.eval_prompts = (0, t), []   # no held-out evaluation
         micro = task.batches(0)
         total = 0.0
         for k, batch in enumerate(micro):
