@@ -86,8 +86,9 @@ class GRPOConfig:
     def problems(self) -> list[str]:
         p = []
         for name in ("prompts_per_rollout", "group_size", "max_new_tokens", "max_sampling_rounds"):
-            if getattr(self, name) < (0 if name == "max_sampling_rounds" else 1):
-                p.append(f"rl.grpo.{name}={getattr(self, name)} must be >= 1")
+            low = 0 if name == "max_sampling_rounds" else 1
+            if getattr(self, name) < low:
+                p.append(f"rl.grpo.{name}={getattr(self, name)} must be >= {low}")
         if self.group_size < 2:
             p.append(f"rl.grpo.group_size={self.group_size} must be >= 2 (advantages compare samples of a prompt)")
         if self.kl_estimator not in KL_ESTIMATORS:

@@ -377,13 +377,11 @@ class RL:
         d = cfg.rl.get("data")
         if d is None or not d.get("files"):
             raise ConfigError(f"stage {cfg.stage.name} has no rl.data.files")
-        missing = [str(f) for f in d.files if not Path(str(f)).is_file()]
-        if missing:
-            raise ConfigError(f"rl.data.files: {', '.join(missing)} not found")
         e = cfg.rl.get("eval") or {}
-        missing = [str(f) for f in e.get("files") or () if not Path(str(f)).is_file()]
-        if missing:
-            raise ConfigError(f"rl.eval.files: {', '.join(missing)} not found")
+        for key, files in (("rl.data.files", d.files), ("rl.eval.files", e.get("files") or ())):
+            missing = [str(f) for f in files if not Path(str(f)).is_file()]
+            if missing:
+                raise ConfigError(f"{key}: {', '.join(missing)} not found")
         if int(e.get("samples", 1)) < 1 or int(e.get("interval", 0)) < 0:
             raise ConfigError(f"rl.eval.samples={e.get('samples')} must be >= 1 and rl.eval.interval="
                               f"{e.get('interval')} >= 0")
@@ -424,21 +422,19 @@ class RL:
         g = grpo_settings(cfg)
         d = cfg.rl.data
         tokenizer = load_tokenizer(d.tokenizer)
-        prompts, skipped = read_prompts(list(d.files), OmegaConf.to_container(cfg.rl.rewards, resolve=True),
-                                        tokenizer, s.trainer.seq_length - g.max_new_tokens, g.enable_thinking)
-        if dist.get_rank() == 0:
-            print(describe(prompts, skipped), flush=True)
-        if not prompts:
-            raise ConfigError(f"rl.data.files hold no usable prompt ({describe(prompts, skipped)})")
-        e = cfg.rl.get("eval") or {}
-        held, held_skipped = [], {}
-        if e.get("files"):
-            held, held_skipped = read_prompts(list(e.files), OmegaConf.to_container(cfg.rl.rewards, resolve=True),
-                                              tokenizer, s.trainer.seq_length - g.max_new_tokens, g.enable_thinking)
+
+        def load(key: str, files, label: str = "") -> tuple[list, dict]:
+            rows, skipped = read_prompts(list(files), OmegaConf.to_container(cfg.rl.rewards, resolve=True),
+                                         tokenizer, s.trainer.seq_length - g.max_new_tokens, g.enable_thinking)
             if dist.get_rank() == 0:
-                print("held-out " + describe(held, held_skipped), flush=True)
-            if not held:
-                raise ConfigError(f"rl.eval.files hold no usable prompt ({describe(held, held_skipped)})")
+                print(label + describe(rows, skipped), flush=True)
+            if not rows:
+                raise ConfigError(f"{key} hold no usable prompt ({describe(rows, skipped)})")
+            return rows, skipped
+
+        prompts, skipped = load("rl.data.files", d.files)
+        e = cfg.rl.get("eval") or {}
+        held = load("rl.eval.files", e.files, "held-out ")[0] if e.get("files") else []
         reference = None
         if g.uses_reference:
             # The stage's starting weights, also after a resume (which loads the policy from

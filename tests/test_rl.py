@@ -124,7 +124,8 @@ def test_tiny_moe_rl_logs_load_balance(tmp_path, qwen3_tokenizer_dir, rl_data):
     rl(tmp_path, qwen3_tokenizer_dir, rl_data / "rl.jsonl", "model=tiny_moe", "run.name=moe",
        f"init_from={tmp_path / 'base'}", "model.tie_word_embeddings=true", "trainer.max_steps=2",
        "trainer.save_interval=2", "rl.grpo.prompts_per_rollout=4", "rl.grpo.max_new_tokens=12",
-       "rl.grpo.max_sampling_rounds=0", "rl.grpo.dynamic_sampling=false", "trainer.global_batch_size=16")
+       "rl.grpo.max_sampling_rounds=0", "rl.grpo.dynamic_sampling=false", "trainer.global_batch_size=16",
+       f"rl.eval.files=[{rl_data / 'held.jsonl'}]", "rl.eval.samples=1", "rl.eval.interval=0")
     metrics = read_metrics(tmp_path / "runs" / "moe" / "rl_reasoning")
     assert sorted(metrics) == [1, 2]
     for m in metrics.values():
@@ -133,6 +134,9 @@ def test_tiny_moe_rl_logs_load_balance(tmp_path, qwen3_tokenizer_dir, rl_data):
         assert math.isfinite(m["loss"]) and math.isfinite(m["rl/entropy"])
     assert [metrics[k]["rl/new_rollout"] for k in (1, 2)] == [1.0, 0.0]
     assert abs(metrics[1]["rl/ratio"] - 1) < 1e-5 < abs(metrics[2]["rl/ratio"] - 1)
+    # held-out evaluation: before the first update (in step 1's record) and after the last
+    assert [metrics[k].get("rl/eval_step") for k in (1, 2)] == [0.0, 2.0]
+    assert all(0 <= metrics[k]["rl/eval_reward"] <= 1 for k in (1, 2))
     assert read_json(tmp_path / "runs" / "moe" / "rl_reasoning" / "final.json")["step"] == 2
 
 
@@ -153,6 +157,7 @@ def test_grpo_step_at_tp2(rl_data, arith_cold_start, qwen3_tokenizer_dir, tmp_pa
     ("rl.grpo.kl_estimator=k9", "rl.grpo.kl_estimator='k9' must be one of k1, k2, k3"),
     ("rl.rewards=[no_such_reward]", "rl.rewards names unknown reward 'no_such_reward'"),
     ("init_from=null", "the KL reference is the stage's starting weights: set init_from="),
+    ("rl.eval.files=[/no/such/held.jsonl]", "rl.eval.files: /no/such/held.jsonl not found"),
 ])
 def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_dir, override, message):
     from data_pipeline.corpus import addition_problems
