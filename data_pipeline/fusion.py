@@ -102,6 +102,23 @@ def _append_flag(message: dict, flag: str) -> None:
     message["content"] = f"{content} {flag}" if content else flag
 
 
+# The two thinking modes of a prompt: rendered with enable_thinking on or off (off: the
+# generation prompt pre-fills the empty think block, Qwen3's hard switch).
+MODES = ("think", "no_think")
+
+
+def in_mode(messages: list[dict], mode: str, flag: bool) -> list[dict]:
+    """A copy of a prompt for `mode`; with `flag`, its last user turn also ends with
+    /think or /no_think (the soft switch the fusion stage teaches), earlier flags removed."""
+    out = [dict(m) for m in messages]
+    users = _user_turns(out)
+    if flag and users:
+        last = out[users[-1]]
+        last["content"] = _TRAILING_FLAGS.sub("", str(last.get("content") or ""))
+        _append_flag(last, THINK_FLAG if mode == "think" else NO_THINK_FLAG)
+    return out
+
+
 def _user_turns(messages: list[dict]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "user"]
 

@@ -41,17 +41,38 @@ def forward_token_logprobs(chunks, tokens: torch.Tensor, targets: torch.Tensor, 
     """log p(targets | prefix) [batch, seq] at `temperature`, on last-pipeline-stage ranks
     (None on the others), without gathering the vocabulary over TP. With `mask`, only the
     masked positions are computed (the others are 0)."""
+    targets = targets.to(model_device(chunks))
+    mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
+
+    def logprobs(logits, rows, m):
+        return target_logprobs_and_entropy(logits, targets[rows][m], temperature, vocab_limit)[0]
+
+    return forward_masked(chunks, tokens, mask, logprobs)
+
+
+@torch.no_grad()
+def forward_masked(chunks, tokens: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor | None:
+    """`fn(vocab-parallel logits at the masked positions [n, vocab / tp], rows, row mask)`
+    per micro-batch, scattered back to [batch, seq, ...] (zeros off the mask), on
+    last-pipeline-stage ranks; None on the others. `rows` is the slice of `tokens` the
+    micro-batch holds and `row mask` its part of `mask`, for indexing per-token inputs.
+
+    Only the masked positions reach the softmax-sized work in `fn`: at Qwen3's 151,936
+    vocabulary rows that is most of a scoring pass's cost."""
     device = model_device(chunks)
-    targets = targets.to(device)
-    mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.to(device).bool()
-    rows = iter(zip(targets.split(1), mask.split(1)) if len(chunks) > 1 else [(targets, mask)])
+    mask = mask.to(device).bool()
+    # forward_only feeds the whole batch at once, or one row at a time with several chunks (VPP)
+    step = 1 if len(chunks) > 1 else len(tokens)
+    parts = iter([(slice(i, i + step), mask[i:i + step]) for i in range(0, len(tokens), step)])
 
-    def logprobs(logits):
-        t, m = next(rows)
-        logp = target_logprobs_and_entropy(logits[m], t[m], temperature, vocab_limit)[0]
-        return torch.zeros(m.shape, dtype=logp.dtype, device=logp.device).masked_scatter(m, logp)
+    def collect(logits):
+        rows, m = next(parts)
+        values = fn(logits[m], rows, m)
+        out = torch.zeros(*m.shape, *values.shape[1:], dtype=values.dtype, device=values.device)
+        out[m] = values
+        return out
 
-    outputs = forward_only(chunks, tokens, None, logprobs)
+    outputs = forward_only(chunks, tokens, None, collect)
     return None if outputs is None else torch.cat(outputs, dim=0)
 
 
@@ -97,16 +118,11 @@ def forward_only(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | None,
     return outputs
 
 
-def target_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                                vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), entropy), each [batch, seq], from vocab-parallel logits [batch, seq,
-    vocab / tp] of softmax(logits / temperature), differentiable. `vocab_limit` leaves the
-    padded rows past the tokenizer's vocabulary out, as sampling does (recipes.generate).
-
-    Each TP rank holds a contiguous slice of the vocabulary; the softmax normaliser, the
-    target's logit and the entropy's sum are reduced over TP with megatron-core's
-    all-reduce whose backward is the identity, so every rank's slice gets its gradient.
-    """
+def _normalised(logits: torch.Tensor, temperature: float, vocab_limit: int | None):
+    """(logits / temperature less their maximum over the whole vocabulary, their exp, the
+    softmax normaliser, the first vocabulary id of this TP rank's slice, the slice's size)
+    from vocab-parallel logits [..., vocab / tp]. Rows past `vocab_limit` (the model's
+    padding beyond the tokenizer) get no mass, as in sampling (recipes.generate)."""
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
 
     z = logits.float() / temperature
@@ -120,12 +136,98 @@ def target_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, tem
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX,
                                      group=parallel_state.get_tensor_model_parallel_group())
     z = z - peak
-    index = targets.to(z.device) - first
-    mine = (index >= 0) & (index < local)
-    target_z = tp_sum(torch.where(mine, z.gather(-1, index.clamp(0, local - 1).unsqueeze(-1)).squeeze(-1),
-                                  torch.zeros((), device=z.device)))
     exp = z.exp()
-    total = tp_sum(exp.sum(-1))
+    return z, exp, tp_sum(exp.sum(-1)), first, local
+
+
+def _at(z: torch.Tensor, first: int, local: int, ids: torch.Tensor) -> torch.Tensor:
+    """z at vocabulary ids [..., k]: each TP rank contributes the ids in its slice, summed
+    with megatron-core's all-reduce whose backward is the identity."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
+
+    index = ids.to(z.device).long() - first
+    mine = (index >= 0) & (index < local)
+    return tp_sum(torch.where(mine, z.gather(-1, index.clamp(0, local - 1)), torch.zeros((), device=z.device)))
+
+
+def _valid(logits: torch.Tensor, temperature: float, vocab_limit: int | None) -> tuple[torch.Tensor, int]:
+    """(logits / temperature of this TP rank's slice, cut before the padded rows past
+    `vocab_limit`, as a view where possible; the slice's first vocabulary id)."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    first = parallel_state.get_tensor_model_parallel_rank() * z.shape[-1]
+    if vocab_limit is not None and first < vocab_limit < first + z.shape[-1]:
+        z = z[..., :vocab_limit - first]
+    return z, first
+
+
+def _logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """log of the softmax normaliser over the whole vocabulary from each TP rank's slice,
+    differentiable: one fused pass per rank, then the ranks' partial sums combined."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
+
+    lse = torch.logsumexp(z, -1)
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return lse
+    peak = lse.detach().clone()
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    # megatron-core's all-reduce works in place: the clone keeps exp's output, which exp's
+    # backward reads, from being overwritten by the sum
+    return tp_sum((lse - peak).exp().clone()).log() + peak
+
+
+def logprobs_at(logits: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0,
+                vocab_limit: int | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) at vocabulary ids `indices` [..., k] (below
+    `vocab_limit`), from vocab-parallel logits [..., vocab / tp], differentiable.
+
+    The distillation loss runs this on every response position at the full vocabulary,
+    so it makes as few vocabulary-sized passes as it can: no copy for the padded rows
+    (a view cuts them off) or for temperature 1, and a fused logsumexp."""
+    z, first = _valid(logits, temperature, vocab_limit)
+    return _at(z, first, z.shape[-1], indices) - _logsumexp(z).unsqueeze(-1)
+
+
+@torch.no_grad()
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0,
+                  vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, vocabulary ids) of the k most likely tokens of softmax(logits /
+    temperature), most likely first, [..., k] each, from vocab-parallel logits: every TP
+    rank's own top k, gathered, then the top k of those."""
+    z, first = _valid(logits, temperature, vocab_limit)
+    values, index = z.topk(min(k, z.shape[-1]), -1)
+    values, index = values - _logsumexp(z).unsqueeze(-1), index + first
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        short = min(k, logits.shape[-1]) - values.shape[-1]   # the rank cut short by the padding
+        if short:   # every rank gathers the same size; these never win
+            values = torch.cat([values, values.new_full((*values.shape[:-1], short), -float("inf"))], -1)
+            index = torch.cat([index, index.new_zeros((*index.shape[:-1], short))], -1)
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(values) for _ in range(tp)], [torch.empty_like(index) for _ in range(tp)]
+        torch.distributed.all_gather(parts[0], values.contiguous(), group=group)
+        torch.distributed.all_gather(parts[1], index.contiguous(), group=group)
+        values, index = torch.cat(parts[0], -1), torch.cat(parts[1], -1)
+    values, order = values.topk(min(k, values.shape[-1]), -1)
+    return values, index.gather(-1, order)
+
+
+def target_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                                vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy), each [batch, seq], from vocab-parallel logits [batch, seq,
+    vocab / tp] of softmax(logits / temperature), differentiable. `vocab_limit` leaves the
+    padded rows past the tokenizer's vocabulary out, as sampling does (recipes.generate).
+
+    Each TP rank holds a contiguous slice of the vocabulary; the softmax normaliser, the
+    target's logit and the entropy's sum are reduced over TP with megatron-core's
+    all-reduce whose backward is the identity, so every rank's slice gets its gradient.
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
+
+    z, exp, total, first, local = _normalised(logits, temperature, vocab_limit)
+    target_z = _at(z, first, local, targets.unsqueeze(-1)).squeeze(-1)
     log_total = total.log()
     entropy = log_total - tp_sum((exp * z).sum(-1)) / total
     return target_z - log_total, entropy

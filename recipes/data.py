@@ -130,9 +130,11 @@ class SampleBatches:
         micro = []
         for m in range(0, per_rank, self.mbs):
             samples = [self.dataset[start + m + j] for j in range(self.mbs)]
-            batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-                     for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids") if k in samples[0]}
-            batch["tokens"], batch["labels"] = batch["tokens"].long(), batch["labels"].long()
+            # every per-token field the samples have (distillation adds the teacher's top k)
+            batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0] if k != "dataset_id"}
+            for k in ("tokens", "labels"):
+                if k in batch:
+                    batch[k] = batch[k].long()
             batch["loss_mask"] = batch["loss_mask"].float()
             if "dataset_id" in samples[0]:
                 batch["dataset_id"] = torch.as_tensor([int(s["dataset_id"]) for s in samples])

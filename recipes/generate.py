@@ -14,7 +14,12 @@ and decoding continues to the answer. `enable_thinking=false` renders the prompt
 empty think block, so the answer starts at once.
 
 The CLI reads JSONL rows {"id"?, "messages": [...]} or {"prompt": "..."} (one user turn),
-writes one row per prompt, and on restart skips the ids already in the output.
+writes one row per prompt (per prompt and mode with `modes=[think,no_think]`), and on
+restart skips the rows already in the output, writing exactly what an uninterrupted run
+would have. Teacher data for strong-to-weak distillation (recipes.distill):
+
+    python -m recipes.generate checkpoint=<teacher> tokenizer=data/tokenizer input=prompts.jsonl \\
+        output=data/distill/teacher.jsonl modes=[think,no_think] top_k_logprobs=64
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class Generation:
     forced: list[bool] = field(default_factory=list)   # inserted by the budget, not sampled
     finish: str = "length"                             # "stop" or "length"
     budget_stopped: bool = False
+    # with top_k_logprobs: the model's k most likely ids and their log-probs per token
+    top_ids: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
 
 
 def thinking_budget(tokenizer, tokens: int | None) -> ThinkingBudget | None:
@@ -174,10 +182,13 @@ def kv_cache_usable(chunks) -> bool:
 @torch.no_grad()
 def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[int],
              sampling: Sampling | None = None, budget: ThinkingBudget | None = None,
-             vocab_limit: int | None = None, use_cache: bool = True) -> list[Generation]:
+             vocab_limit: int | None = None, use_cache: bool = True, top_k_logprobs: int = 0,
+             logprob_temperature: float = 1.0) -> list[Generation]:
     """Continue every prompt; collective over the model-parallel group (same args everywhere).
 
-    Decoding starts at the shortest prompt's end; rows with longer prompts take their own
+    With `top_k_logprobs` k, every generated token also records the k most likely ids of
+    softmax(logits / logprob_temperature) at its position and their log-probs (a
+    teacher's output for distillation, recipes.distill). Decoding starts at the shortest prompt's end; rows with longer prompts take their own
     prompt tokens until theirs ends (one batch, one KV cache). `vocab_limit` masks the
     model's padded vocabulary beyond the tokenizer's. `use_cache=False`, or a layout the
     cache does not serve (PP, or TP with sequence parallelism), recomputes the prefix.
@@ -222,6 +233,7 @@ def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[i
             break
         logits = step(tokens, cur)
         picked = torch.zeros(2, len(prompts), dtype=torch.float64, device=device)
+        tops = torch.zeros(2, len(prompts), top_k_logprobs, dtype=torch.float64, device=device)
         if last_stage:
             last = logits.float()
             if vocab_limit is not None:
@@ -232,9 +244,13 @@ def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[i
                     ids[i] = queued[i][0]
                     logp[i] = torch.log_softmax(last[i], -1)[queued[i][0]]
             picked = torch.stack([ids.double(), logp.double()]).to(device)
+            if top_k_logprobs:
+                values, top = torch.log_softmax(last / logprob_temperature, -1).topk(top_k_logprobs, -1)
+                tops = torch.stack([top.double(), values.double()]).to(device)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(picked, parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
+            for x in (picked, tops) if top_k_logprobs else (picked,):
+                dist.broadcast(x, parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
         for i, g in enumerate(out):
             if cur < lengths[i] or finished[i]:
                 continue   # still reading its prompt, or done
@@ -245,6 +261,9 @@ def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[i
             g.tokens.append(token)
             g.logprobs.append(float(picked[1, i]))
             g.forced.append(forced)
+            if top_k_logprobs:
+                g.top_ids.append(tops[0, i].long().cpu())
+                g.top_logprobs.append(tops[1, i].float().cpu())
             if budget is not None and not forced:
                 if token == budget.think_close:
                     thinking[i] = None
@@ -293,21 +312,92 @@ def split_response(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-def _done_ids(path: Path) -> set:
-    done = set()
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by a crash is regenerated
-    return done
+def _resume_point(path: Path) -> tuple[set, int]:
+    """(keys of the complete rows in an output, top-k records those rows point to). A last
+    line cut by a crash is removed first, so that appending starts on a fresh line."""
+    done, records = set(), 0
+    if not path.is_file():
+        return done, records
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    for line in data[:cut].decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            done.add(_key(row["id"], row.get("mode")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue   # an unreadable row is generated again
+        if isinstance(row.get("topk_offset"), int) and isinstance(row.get("response_ids"), list):
+            records = max(records, row["topk_offset"] + len(row["response_ids"]))
+    return done, records
+
+
+def _key(row_id, mode) -> str:
+    return json.dumps([row_id, mode])
+
+
+def _settings(cfg) -> dict:
+    """The CLI's validated settings (ConfigError on the first bad one)."""
+    from omegaconf import OmegaConf
+
+    from data_pipeline.fusion import MODES
+    from model.config import from_dict
+
+    for key in ("checkpoint", "tokenizer", "input", "output"):
+        if cfg.get(key) in (None, "", "???"):
+            raise ConfigError(f"{key}= is required")
+    modes = list(cfg.get("modes") or [])
+    if any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ConfigError(f"modes={modes} must list distinct modes of {', '.join(MODES)}")
+    k, temperature = int(cfg.get("top_k_logprobs") or 0), float(cfg.get("logprob_temperature", 1.0))
+    if k < 0 or temperature <= 0:
+        raise ConfigError(f"top_k_logprobs={k} must be >= 0 and logprob_temperature={temperature} > 0")
+    if int(cfg.max_new_tokens) < 1 or int(cfg.batch_size) < 1:
+        raise ConfigError("max_new_tokens and batch_size must be >= 1")
+    src = Path(str(cfg.input))
+    if not src.is_file():
+        raise ConfigError(f"input={src} does not exist")
+    sampling = from_dict(Sampling, OmegaConf.to_container(cfg.sampling, resolve=True), "sampling").check()
+    return {"modes": modes or [None], "top_k": k, "temperature": temperature, "sampling": sampling,
+            "ids": bool(cfg.get("ids")) or k > 0, "flags": bool(cfg.get("mode_flags")), "input": src,
+            "output": Path(str(cfg.output)), "batch_size": int(cfg.batch_size),
+            "kill_after": cfg.get("inject_kill_after_rows")}
+
+
+def _read_items(src: Path, modes: list) -> tuple[list, int]:
+    """(row, prompt messages, mode) per input row and mode, in file order; unreadable rows."""
+    items, bad = [], 0
+    for n, line in enumerate(src.read_text(encoding="utf-8").split("\n")):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row.setdefault("id", n)
+            messages = prompt_messages(row)
+        except (json.JSONDecodeError, ValueError, AttributeError):
+            bad += 1
+            continue
+        items += [(row, messages, mode) for mode in modes]
+    return items, bad
 
 
 def run_cli(cfg) -> int:
-    """Validate, (re)launch, generate. Returns the exit code."""
+    """Validate, (re)launch, generate. Returns the exit code.
+
+    Items (one per input row and mode) are cut into batches by their position in the
+    input, and batch b samples with seed `sampling.seed * 1000003 + b`: a restart, which
+    regenerates only batches with rows missing from the output, writes exactly the rows an
+    uninterrupted run would have written, in the same order."""
+    import contextlib
+    import dataclasses
+    import signal
+
     from omegaconf import OmegaConf
 
+    from data_pipeline.distill_data import TopKWriter
+    from data_pipeline.fusion import in_mode
     from data_pipeline.tokenizer import load_tokenizer
     from model.checkpoint import load_model, read_model_config
     from model.config import ParallelConfig, from_dict
@@ -315,22 +405,16 @@ def run_cli(cfg) -> int:
     from recipes.checkpointing import resolve_init_from
 
     try:
-        for key in ("checkpoint", "tokenizer", "input", "output"):
-            if cfg.get(key) in (None, "", "???"):
-                raise ConfigError(f"{key}= is required")
+        opts = _settings(cfg)
         ckpt = resolve_init_from(str(cfg.checkpoint), Path.cwd())
         model_cfg = read_model_config(ckpt)
         par = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
         nprocs = minimum_world_size(par)
         validate_layout(model_cfg, par, int(os.environ.get("WORLD_SIZE", nprocs)))
         tokenizer = load_tokenizer(cfg.tokenizer)
-        sampling = from_dict(Sampling, OmegaConf.to_container(cfg.sampling, resolve=True), "sampling").check()
         budget = thinking_budget(tokenizer, cfg.thinking_budget)
-        if int(cfg.max_new_tokens) < 1 or int(cfg.batch_size) < 1:
-            raise ConfigError("max_new_tokens and batch_size must be >= 1")
-        src = Path(str(cfg.input))
-        if not src.is_file():
-            raise ConfigError(f"input={src} does not exist")
+        if opts["top_k"] > len(tokenizer):
+            raise ConfigError(f"top_k_logprobs={opts['top_k']} is more than the tokenizer's {len(tokenizer)} tokens")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -343,55 +427,70 @@ def run_cli(cfg) -> int:
 
     from model.builder import build_model
 
+    sampling, k, out_path = opts["sampling"], opts["top_k"], opts["output"]
     init_distributed(par, seed=int(sampling.seed), model=model_cfg)
     rank0 = dist.get_rank() == 0
     chunks = build_model(model_cfg, par, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     load_model(chunks, ckpt)
 
-    out_path = Path(str(cfg.output))
-    done = _done_ids(out_path)
-    rows, bad = [], 0
-    for n, line in enumerate(src.read_text(encoding="utf-8").split("\n")):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            row.setdefault("id", n)
-            messages = prompt_messages(row)
-        except (json.JSONDecodeError, ValueError, AttributeError):
-            bad += 1
-            continue
-        if row["id"] not in done:
-            rows.append((row, messages))
+    items, bad = _read_items(opts["input"], opts["modes"])
+    resume = [None]
+    if rank0:   # rank 0 alone reads (and repairs) the output; the others get its answer
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        resume = [_resume_point(out_path)]
+    dist.broadcast_object_list(resume, src=0)
+    done, records = resume[0]
+    todo = [_key(row["id"], mode) not in done for row, _, mode in items]
     if rank0 and bad:
         print(f"skipped {bad} unreadable input rows", file=sys.stderr)
     bar = None
     if rank0 and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(rows) + len(done), initial=len(done), desc="generating", unit=" prompt")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(items), initial=len(items) - sum(todo), desc="generating", unit=" response")
+    writer = TopKWriter(out_path, k, opts["temperature"], records) if rank0 and k else None
     stop = stop_ids(tokenizer)
-    import contextlib
-
+    written, size = 0, opts["batch_size"]
     with open(out_path, "a", encoding="utf-8") if rank0 else contextlib.nullcontext() as f:
-        for b in range(0, len(rows), int(cfg.batch_size)):
-            part = rows[b:b + int(cfg.batch_size)]
-            prompts = [prompt_ids(tokenizer, m, bool(cfg.enable_thinking)) for _, m in part]
-            gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop, sampling, budget,
-                            vocab_limit=len(tokenizer))
+        for b, start in enumerate(range(0, len(items), size)):
+            part, wanted = items[start:start + size], todo[start:start + size]
+            if not any(wanted):
+                continue
+            prompts = [prompt_ids(tokenizer, in_mode(m, mode, opts["flags"]) if mode else m,
+                                  mode != "no_think" if mode else bool(cfg.enable_thinking)) for _, m, mode in part]
+            gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop,
+                            dataclasses.replace(sampling, seed=sampling.seed * 1000003 + b), budget,
+                            vocab_limit=len(tokenizer), top_k_logprobs=k, logprob_temperature=opts["temperature"])
             if not rank0:
                 continue
-            for (row, _), g in zip(part, gens):
+            for (row, _, mode), prompt, g, want in zip(part, prompts, gens, wanted):
+                if not want:
+                    continue
                 text = response_text(tokenizer, g, stop)
                 thinking_text, answer = split_response(text)
-                f.write(json.dumps({**{k: v for k, v in row.items() if k not in ("messages",)},
-                                    "response": text, "thinking": thinking_text, "answer": answer,
-                                    "tokens": len(g.tokens), "finish": g.finish,
-                                    "budget_stopped": g.budget_stopped}, ensure_ascii=False) + "\n")
+                out = {**{key: v for key, v in row.items() if key != "messages"}, "response": text,
+                       "thinking": thinking_text, "answer": answer, "tokens": len(g.tokens), "finish": g.finish,
+                       "budget_stopped": g.budget_stopped}
+                if mode is not None:
+                    out["mode"] = mode
+                if opts["ids"]:
+                    out["prompt_ids"], out["response_ids"] = prompt, g.tokens
+                if writer is not None:   # the records first: a row on disk always has its records
+                    out["topk_offset"] = writer.append(torch.stack(g.top_ids).numpy(),
+                                                       torch.stack(g.top_logprobs).numpy())
+                    writer.flush()
+                line = json.dumps(out, ensure_ascii=False) + "\n"
+                if opts["kill_after"] is not None and written == int(opts["kill_after"]):
+                    f.write(line[:len(line) // 2])   # fault injection: die in the middle of a row
+                    f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                f.write(line)
+                written += 1
             f.flush()
             if bar is not None:
-                bar.update(len(part))
+                bar.update(sum(wanted))
+    if writer is not None:
+        writer.close()
     if bar is not None:
         bar.close()
     destroy_distributed()

@@ -139,9 +139,11 @@ class GRPOTask:
             self.state["prompt_cursor"] = cursor + 1
         return out
 
-    def _sample_groups(self, prompts, seed: int, group_size: int | None = None) -> Rollout:
-        """This DP rank's share of `prompts`, sampled `group_size` (default G) times each and
-        scored, then gathered."""
+    def _sample_groups(self, prompts, seed: int, group_size: int | None = None, engine=None,
+                       sampling=None) -> Rollout:
+        """This DP rank's share of `prompts`, sampled `group_size` (default G) times each by
+        `engine` (default the policy's) with `sampling` (default the rollout's) and scored,
+        then gathered."""
         import torch.distributed as dist
 
         from dataclasses import replace
@@ -152,8 +154,9 @@ class GRPOTask:
         G = group_size or self.g.group_size
         mine = prompts[self.dp_rank::self.dp_size]
         ids = [p.ids for p in mine for _ in range(G)]
-        sampling = replace(self.sampling, seed=seed * 1000 + self.dp_rank)
-        gens = self.rollout_engine.generate(ids, self.g.max_new_tokens, sampling, self.budget) if ids else []
+        sampling = replace(sampling or self.sampling, seed=seed * 1000 + self.dp_rank)
+        gens = (engine or self.rollout_engine).generate(ids, self.g.max_new_tokens, sampling, self.budget) \
+            if ids else []
         part = Rollout(prompts=ids, responses=gens)
         for k, gen in enumerate(gens):
             prompt = mine[k // G]
@@ -350,16 +353,22 @@ class GRPOTask:
                   "rl/logp_mismatch": mean((old - rollout).abs())}
         return numerator * batch["loss_scale"][0], torch.ones((), dtype=torch.int), report
 
+    def scheduled_eval(self, metrics: dict) -> dict:
+        """The held-out evaluation when this step is due one: every eval_interval updates and
+        after the last."""
+        updates = int(metrics["consumed_samples"]) // self.gbs
+        if self.eval_prompts and (updates == self.s.trainer.max_steps
+                                  or (self.eval_interval and updates % self.eval_interval == 0)):
+            return self.evaluate(updates)
+        return {}
+
     def after_step(self, metrics: dict) -> dict:
         from recipes.grpo import next_entropy_coef
 
         out = {**self.rollout_metrics, "rl/entropy_coef": float(self.state["entropy_coef"]),
                "rl/new_rollout": float(self.rollout_step), **self.pending_eval}
         self.pending_eval = {}
-        updates = int(metrics["consumed_samples"]) // self.gbs
-        if self.eval_prompts and (updates == self.s.trainer.max_steps
-                                  or (self.eval_interval and updates % self.eval_interval == 0)):
-            out.update(self.evaluate(updates))
+        out.update(self.scheduled_eval(metrics))
         if "rl/entropy" in metrics:
             self.state["entropy_coef"] = next_entropy_coef(float(self.state["entropy_coef"]), metrics["rl/entropy"],
                                                            self.g)

@@ -1,0 +1,483 @@
+"""Strong-to-weak distillation (Qwen3 report section 4.5): the lightweight models learn
+from a flagship teacher instead of running the four post-training stages.
+
+    # teacher responses in both thinking modes, with its top-64 log-probs per token
+    python -m recipes.generate checkpoint=<teacher> tokenizer=data/tokenizer input=data/distill/prompts.jsonl \\
+        output=data/distill/teacher.jsonl modes=[think,no_think] top_k_logprobs=64
+    # off-policy: the student learns the teacher's responses and distributions
+    python -m recipes.distill stage=distill_off_policy model=qwen3_0_6b init_from=runs/qwen3_0_6b/pretrain_s3
+    # on-policy: the student samples, the teacher scores the same tokens
+    python -m recipes.distill stage=distill_on_policy model=qwen3_0_6b teacher=<teacher>
+
+Both phases run the shared loop (recipes/train.py) with this module's `Task`; the loss is
+recipes/distill_loss.py: ce_weight * CE + kl_weight * T^2 * divergence(teacher, student)
+on the teacher's top k (`distill.loss`).
+
+- Off-policy (`distill.phase=off_policy`): rows written by recipes.generate (token ids
+  and the teacher's top-k records; data_pipeline/distill_data.py), one response per row,
+  loss on the response. Files written without records are scored by the teacher in the
+  job (`teacher=`) instead.
+- On-policy (`distill.phase=on_policy`): every step, the current student samples one
+  response per prompt (prompts in the RL format, in each of `distill.rollout.modes`), the
+  frozen teacher computes its top k at every sampled token, and the student minimises the
+  divergence there (reverse KL by default). The rollout machinery is the RL stage's
+  (recipes.rl.GRPOTask: prompt cursor, sampling over data-parallel ranks, verifier
+  scores, padding, micro-batches); only the loss and the metrics are this module's.
+
+Teacher and student share the job, the tokenizer and the parallel layout (TP/PP/CP/EP).
+The teacher is built from its own checkpoint's model config, frozen and in eval mode, with
+no optimizer. A different teacher layout (`distill.teacher_parallel`) is refused with a
+clear error in this version: see docs/DISTILL.md.
+
+Held-out evaluation (`distill.eval.files`, RL-format prompts): in each mode, the student's
+responses (at `distill.eval.temperature`, 0: greedy; one fixed seed), their verifier
+accuracy and length, and the
+mean per-token reverse KL(student || teacher) at temperature 1 on the teacher's top k,
+before the first update, every `interval` steps and after the last; the teacher's own
+accuracy once, at the start.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from model.config import ConfigError, from_dict
+from recipes.distill_loss import DistillLoss
+from recipes.grpo import GRPOConfig
+from recipes.rl import GRPOTask, PolicyRollout
+from recipes.train import Settings, Task, run
+
+PHASES = ("off_policy", "on_policy")
+REPORT_KEYS = ("distill/kl", "distill/ce")
+
+
+@dataclass
+class RolloutSettings:
+    """The student's sampling: on-policy training and held-out evaluation."""
+    # prompts per step, one response each (on-policy: trainer.global_batch_size)
+    prompts_per_step: int = 64
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    thinking_budget: int | None = None
+    # every prompt is used in each mode: think, and no_think (the empty think block)
+    modes: list = field(default_factory=lambda: ["think", "no_think"])
+    # also end the last user turn with /think or /no_think (the fusion stage's soft switch)
+    flags: bool = True
+
+    def problems(self, seq_length: int) -> list[str]:
+        from data_pipeline.fusion import MODES
+
+        p = []
+        if self.prompts_per_step < 1 or self.max_new_tokens < 1:
+            p.append(f"distill.rollout.prompts_per_step={self.prompts_per_step} and max_new_tokens="
+                     f"{self.max_new_tokens} must be >= 1")
+        if self.max_new_tokens >= seq_length:
+            p.append(f"distill.rollout.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                     f"trainer.seq_length={seq_length}")
+        if not self.modes or any(m not in MODES for m in self.modes) or len(set(self.modes)) != len(self.modes):
+            p.append(f"distill.rollout.modes={list(self.modes)} must list distinct modes of {', '.join(MODES)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            p.append(f"distill.rollout.temperature={self.temperature} must be > 0, top_p={self.top_p} in (0, 1] "
+                     f"and top_k={self.top_k} >= 0")
+        return p
+
+    def sampler(self) -> GRPOConfig:
+        """The RL task's rollout settings: one sample per prompt, token-mean loss."""
+        return GRPOConfig(prompts_per_rollout=self.prompts_per_step, group_size=1,
+                          max_new_tokens=self.max_new_tokens, thinking_budget=self.thinking_budget,
+                          temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, reference=False,
+                          kl_coef=0.0, dynamic_sampling=False, recompute_old_logprobs=False, loss_agg="token-mean")
+
+
+def _section(cfg: DictConfig):
+    if cfg.get("distill") is None:
+        raise ConfigError(f"stage {cfg.stage.name} has no distill section")
+    return cfg.distill
+
+
+def _typed(cls, node, where: str):
+    return from_dict(cls, OmegaConf.to_container(node, resolve=True) if node is not None else {}, where)
+
+
+def loss_settings(cfg: DictConfig) -> DistillLoss:
+    c = _typed(DistillLoss, _section(cfg).get("loss"), "distill.loss")
+    if problems := c.problems():
+        raise ConfigError("; ".join(problems))
+    return c
+
+
+def teacher_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The teacher's checkpoint: top-level `teacher=`, else `distill.teacher`; a stage of
+    this run, a stage directory or a checkpoint directory (e.g. an HF model converted by
+    model.convert hf-to-mcore)."""
+    from recipes.checkpointing import resolve_init_from
+
+    source = cfg.get("teacher") or _section(cfg).get("teacher")
+    if not source:
+        return None
+    try:
+        return resolve_init_from(str(source), run_dir)
+    except ConfigError:
+        raise ConfigError(f"teacher={source!r} is neither a stage of run {run_dir} nor a checkpoint directory "
+                          "(no metadata.json)") from None
+
+
+def teacher_problems(cfg: DictConfig, s: Settings, ckpt: Path) -> list[str]:
+    """Why this teacher cannot run beside this student (empty: it can)."""
+    from model.checkpoint import read_model_config
+    from model.config import ParallelConfig
+    from model.parallel import layout_problems, te_available
+
+    teacher = read_model_config(ckpt)
+    p = []
+    if teacher.vocab_size != s.model.vocab_size:
+        p.append(f"the teacher's vocab_size={teacher.vocab_size} differs from the student's "
+                 f"model.vocab_size={s.model.vocab_size}: teacher and student must share the tokenizer")
+    wanted = _section(cfg).get("teacher_parallel")
+    if wanted:
+        layout = from_dict(ParallelConfig, {**asdict(s.parallel), **OmegaConf.to_container(wanted, resolve=True)},
+                           "distill.teacher_parallel")
+        if layout != s.parallel:
+            differ = {k: v for k, v in asdict(layout).items() if getattr(s.parallel, k) != v}
+            p.append(f"distill.teacher_parallel {differ} differs from the student's layout: in this version the "
+                     "teacher runs in the student's TP/PP/CP/EP layout (docs/DISTILL.md); set "
+                     "distill.teacher_parallel=null")
+    p += [f"teacher ({teacher.name}): {x}" for x in layout_problems(teacher, s.parallel, None, s.trainer.seq_length,
+                                                                     use_te=te_available())]
+    return p
+
+
+def records_on_disk(files) -> bool:
+    """Whether every teacher file carries top-k records (then the off-policy phase reads
+    them, and a teacher in the job only evaluates)."""
+    from data_pipeline.distill_data import read_topk_meta
+
+    return all(read_topk_meta(str(f)) is not None for f in files)
+
+
+def mode_prompts(files, rewards, tokenizer, max_prompt_tokens: int, r: RolloutSettings
+                 ) -> tuple[dict[str, list], Counter]:
+    """RL-format prompts rendered in each mode ({mode: prompts}) and the skipped rows."""
+    from data_pipeline.fusion import in_mode
+    from data_pipeline.rl_data import read_prompts
+    from recipes.generate import prompt_ids
+
+    out, skipped = {}, Counter()
+    for mode in r.modes:
+        rows, skips = read_prompts(list(files), rewards, tokenizer, max_prompt_tokens, mode == "think")
+        skipped += skips
+        out[mode] = []
+        for p in rows:
+            p.enable_thinking = mode == "think"   # the mode decides, not the row
+            p.messages = in_mode(p.messages, mode, r.flags)
+            p.ids = prompt_ids(tokenizer, p.messages, p.enable_thinking)
+            if len(p.ids) > max_prompt_tokens:
+                skipped["prompt too long"] += 1
+            else:
+                out[mode].append(p)
+    return out, skipped
+
+
+class DistillTask(GRPOTask):
+    """The distillation stage's batches, loss and metrics (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, s: Settings, engine, r: RolloutSettings, c: DistillLoss, phase: str,
+                 tokenizer, teacher, prompts: list, eval_sets: dict, eval_samples: int, eval_interval: int,
+                 samples=None, score_online: bool = False, eval_temperature: float = 0.0):
+        held = [p for ps in eval_sets.values() for p in ps]
+        super().__init__(cfg, s, engine, r.sampler(), prompts, tokenizer, None, held, eval_samples, eval_interval)
+        self.c, self.phase, self.teacher, self.eval_sets, self.samples = c, phase, teacher, eval_sets, samples
+        self.score_online = score_online   # off-policy rows without top-k records on disk
+        self.eval_temperature = eval_temperature
+        self.teacher_rollout = PolicyRollout(teacher, self.stop, len(tokenizer)) if teacher is not None else None
+
+    # ------------------------------------------------------------------ teacher
+    def _teacher_topk(self, tokens: torch.Tensor, mask: torch.Tensor, k: int | None = None,
+                      temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k log-probs and ids [b, L, k] at the masked positions (zeros
+        elsewhere, and on ranks off the last pipeline stage)."""
+        from model.inference import forward_masked, topk_logprobs
+
+        k = k or self.c.top_k
+        T = self.c.temperature if temperature is None else temperature
+        logp = torch.zeros(*tokens.shape, k)
+        ids = torch.zeros(*tokens.shape, k, dtype=torch.int32)
+        mbs = self.s.trainer.micro_batch_size
+        for start in range(0, len(tokens), mbs):
+            sl = slice(start, start + mbs)
+
+            def top(logits, rows, m):
+                values, index = topk_logprobs(logits, k, T, len(self.tokenizer))
+                return torch.cat([values, index.float()], -1)   # ids < 2^24 are exact in float32
+
+            out = forward_masked(self.teacher, tokens[sl], mask[sl], top)
+            if out is not None:
+                logp[sl], ids[sl] = out[..., :k].float().cpu(), out[..., k:].round().int().cpu()
+        return logp, ids
+
+    # ------------------------------------------------------------------ batches
+    def batches(self, consumed: int) -> list[dict]:
+        if self.phase == "on_policy":
+            return super().batches(consumed)   # rollouts through _prepare below
+        if consumed == 0 and self.eval_prompts:   # the starting student, once (not again on resume)
+            self.pending_eval = self.evaluate(0)
+        micro = self._trimmed(self.samples(consumed))
+        if self.score_online:
+            for b in micro:
+                b["teacher_logp"], b["teacher_ids"] = self._teacher_topk(b["tokens"], b["loss_mask"])
+        return micro
+
+    def _trimmed(self, micro: list[dict]) -> list[dict]:
+        """The step's micro-batches cut after the last response token of their longest row:
+        rows are padded to seq_length, and the padding would cost a full vocabulary
+        projection per position. The width stays a multiple of what sequence and context
+        parallelism split."""
+        from megatron.core import parallel_state
+
+        used = [int(m.nonzero()[:, 1].max()) + 1 for b in micro if (m := b["loss_mask"]).any()]
+        cp = parallel_state.get_context_parallel_world_size()
+        multiple = self.tp * (2 * cp if cp > 1 else 1)
+        width = min(-(-max(used, default=1) // multiple) * multiple, micro[0]["tokens"].shape[1])
+        return [{k: v[:, :width] for k, v in b.items()} for b in micro]
+
+    def _prepare(self, index: int) -> dict:
+        """A fresh on-policy batch: the student's samples and the teacher's top k on them."""
+        started = time.perf_counter()
+        r = self._sample_groups(self._next_prompts(self.g.prompts_per_rollout), seed=self.seed + 7919 * index)
+        generated = time.perf_counter() - started
+        t = self._tensors(r)
+        rows = torch.tensor(self._my_rows())
+        t["teacher_logp"] = torch.zeros(*t["tokens"].shape, self.c.top_k)
+        t["teacher_ids"] = torch.zeros(*t["tokens"].shape, self.c.top_k, dtype=torch.int32)
+        t["teacher_logp"][rows], t["teacher_ids"][rows] = self._teacher_topk(t["tokens"][rows], t["loss_mask"][rows])
+        lengths = torch.tensor([float(len(g.tokens)) for g in r.responses])
+        self.rollout_metrics = {
+            "distill/response_length": lengths.mean().item(), "distill/response_length_max": lengths.max().item(),
+            "distill/accuracy": sum(r.correct) / max(len(r.correct), 1),
+            "distill/truncated_fraction": sum(g.finish == "length" for g in r.responses) / len(r.responses),
+            "distill/reward_errors": float(r.errors), "distill/rollout_time_s": generated}
+        return t
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, batch: dict, logits: torch.Tensor):
+        from recipes.distill_loss import per_token
+
+        mask = batch["loss_mask"].float()
+        where = mask.bool()
+        # only the loss positions reach the vocabulary-sized softmax
+        loss, ce, div = per_token(logits[where], batch["targets"][where], batch["teacher_logp"][where],
+                                  batch["teacher_ids"][where], self.c, len(self.tokenizer))
+        numerator, tokens = loss.sum(), mask.sum()
+        report = {"distill/kl": torch.stack([div.sum(), tokens]), "distill/ce": torch.stack([ce.sum(), tokens])}
+        if "loss_scale" in batch:   # on-policy: the RL task's token mean over the whole minibatch
+            report["lm loss"] = torch.stack([numerator.detach(), batch["denominator"].sum()])
+            return numerator * batch["loss_scale"][0], torch.ones((), dtype=torch.int), report
+        report["lm loss"] = torch.stack([numerator.detach(), tokens])
+        return numerator, tokens.to(torch.int), report
+
+    # ------------------------------------------------------------------ evaluation
+    def _reverse_kl(self, r) -> torch.Tensor:
+        """[sum over response tokens of KL(student || teacher) at T=1, tokens] of a rollout,
+        each DP rank scoring its share of the rows."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from model.inference import forward_masked, logprobs_at
+        from recipes.distill_loss import divergence
+
+        t = self._tensors(r)
+        rows = list(range(self.dp_rank, len(r.prompts), self.dp_size))
+        total = torch.zeros(2, dtype=torch.float64)
+        mbs = self.s.trainer.micro_batch_size
+        for start in range(0, len(rows), mbs):
+            idx = torch.tensor(rows[start:start + mbs])
+            tokens, mask = t["tokens"][idx], t["loss_mask"][idx].bool()
+            t_logp, t_ids = self._teacher_topk(tokens, mask, temperature=1.0)
+
+            def kl(logits, sl, m):
+                s_logp = logprobs_at(logits, t_ids[sl].to(m.device)[m], 1.0, len(self.tokenizer))
+                return divergence(t_logp[sl].to(m.device)[m], s_logp, "reverse")
+
+            out = forward_masked(self.engine.chunks, tokens, mask, kl)
+            if out is not None:
+                total += torch.tensor([out.sum().item(), float(mask.sum())], dtype=torch.float64)
+        device = next(self.engine.chunks[0].parameters()).device
+        total = total.to(device)
+        dist.all_reduce(total, group=self.dp_group)
+        # only the last pipeline stage scored: a sum over the pipeline group tells every stage
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return total.cpu()
+
+    def evaluate(self, updates: int) -> dict:
+        from dataclasses import replace
+
+        out, kl = {"distill/eval_step": float(updates)}, torch.zeros(2, dtype=torch.float64)
+        seed, sampling = self.seed + 10 ** 6, replace(self.sampling, temperature=self.eval_temperature)
+        for mode, prompts in self.eval_sets.items():
+            r = self._sample_groups(prompts, seed=seed, group_size=self.eval_samples, sampling=sampling)
+            part = self._reverse_kl(r)
+            kl += part
+            out[f"distill/eval_kl_{mode}"] = (part[0] / part[1].clamp(min=1)).item()
+            out[f"distill/eval_accuracy_{mode}"] = sum(r.correct) / len(r.correct)
+            out[f"distill/eval_response_length_{mode}"] = sum(len(g.tokens) for g in r.responses) / len(r.responses)
+            if updates == 0 and self.teacher_rollout is not None:
+                tr = self._sample_groups(prompts, seed=seed, group_size=self.eval_samples, engine=self.teacher_rollout,
+                                         sampling=sampling)
+                out[f"distill/teacher_eval_accuracy_{mode}"] = sum(tr.correct) / len(tr.correct)
+        out["distill/eval_kl"] = (kl[0] / kl[1].clamp(min=1)).item()
+        return out
+
+    def after_step(self, metrics: dict) -> dict:
+        out = {**self.rollout_metrics, **self.pending_eval}
+        self.pending_eval = {}
+        return {**out, **self.scheduled_eval(metrics)}
+
+
+class Distill:
+    name = "distill"
+    module = "recipes.distill"
+
+    def validate(self, cfg: DictConfig, s: Settings) -> None:
+        from data_pipeline.distill_data import read_topk_meta
+        from data_pipeline.tokenizer import load_tokenizer
+
+        d = _section(cfg)
+        phase = str(d.get("phase"))
+        if phase not in PHASES:
+            raise ConfigError(f"distill.phase={phase!r} must be one of {', '.join(PHASES)}")
+        c = loss_settings(cfg)
+        r = _typed(RolloutSettings, d.get("rollout"), "distill.rollout")
+        problems = r.problems(s.trainer.seq_length)
+        e = d.get("eval") or {}
+        files = list((d.get("data") or {}).get("files") or [])
+        if not files:
+            problems.append(f"stage {cfg.stage.name} has no distill.data.files")
+        for key, group in (("distill.data.files", files), ("distill.eval.files", e.get("files") or ())):
+            missing = [str(f) for f in group if not Path(str(f)).is_file()]
+            if missing:
+                problems.append(f"{key}: {', '.join(missing)} not found")
+        if int(e.get("samples", 1)) < 1 or int(e.get("interval", 0)) < 0 or float(e.get("temperature", 0)) < 0:
+            problems.append(f"distill.eval.samples={e.get('samples')} must be >= 1, distill.eval.interval="
+                            f"{e.get('interval')} >= 0 and distill.eval.temperature={e.get('temperature')} >= 0")
+        if phase == "on_policy" and r.prompts_per_step != s.trainer.global_batch_size:
+            problems.append(f"distill.rollout.prompts_per_step={r.prompts_per_step} must equal trainer."
+                            f"global_batch_size={s.trainer.global_batch_size}: on-policy samples are drawn fresh "
+                            "for every step")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        tokenizer = load_tokenizer(d.data.tokenizer)
+        if len(tokenizer) > s.model.vocab_size:
+            raise ConfigError(f"tokenizer {d.data.tokenizer} has {len(tokenizer)} tokens, more than "
+                              f"model.vocab_size={s.model.vocab_size}")
+        if c.top_k > len(tokenizer):
+            raise ConfigError(f"distill.loss.top_k={c.top_k} is more than the tokenizer's {len(tokenizer)} tokens")
+        ckpt = teacher_checkpoint(cfg, s.run_dir)
+        if ckpt is None and (phase == "on_policy" or e.get("files")):
+            raise ConfigError(f"the {'on-policy phase' if phase == 'on_policy' else 'held-out evaluation'} needs "
+                              "the teacher in the job: set teacher=<checkpoint or stage>")
+        if phase == "off_policy" and records_on_disk(files):
+            for f in files:
+                meta = read_topk_meta(f)
+                if meta["k"] < c.top_k or float(meta["temperature"]) != c.temperature:
+                    raise ConfigError(f"{f} holds top-{meta['k']} log-probs at temperature {meta['temperature']}; "
+                                      f"distill.loss wants top_k <= {meta['k']} at temperature {c.temperature}")
+        elif ckpt is None:
+            raise ConfigError("distill.data.files have no teacher top-k records (generate them with "
+                              "top_k_logprobs=K), and no teacher= is given to score them in the job")
+        if ckpt is not None and (problems := teacher_problems(cfg, s, ckpt)):
+            raise ConfigError("; ".join(problems))
+        from data_pipeline.rl_data import reward_entries
+
+        try:
+            reward_entries(OmegaConf.to_container(d.rewards, resolve=True), None, check_references=False)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"distill.rewards: {err}")
+
+    def task(self, cfg: DictConfig, s: Settings, engine) -> Task:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from data_pipeline import distill_data
+        from data_pipeline.rl_data import describe
+        from data_pipeline.tokenizer import load_tokenizer
+        from model.builder import build_model
+        from model.checkpoint import read_model_config
+        from recipes import checkpointing as ckpt
+        from recipes.data import SampleBatches
+
+        d = _section(cfg)
+        phase, c = str(d.phase), loss_settings(cfg)
+        r = _typed(RolloutSettings, d.get("rollout"), "distill.rollout")
+        tokenizer = load_tokenizer(d.data.tokenizer)
+        rank0 = dist.get_rank() == 0
+        rewards = OmegaConf.to_container(d.rewards, resolve=True)
+        max_prompt = s.trainer.seq_length - r.max_new_tokens
+
+        teacher = None
+        source = teacher_checkpoint(cfg, s.run_dir)
+        if source is not None:
+            teacher = build_model(read_model_config(source), s.parallel,
+                                  dtype=next(engine.chunks[0].parameters()).dtype)
+            ckpt.load_weights(teacher, source)
+            for chunk in teacher:
+                chunk.eval().requires_grad_(False)
+            if rank0:
+                print(f"teacher: {source}", flush=True)
+
+        e = d.get("eval") or {}
+        eval_sets = {}
+        if e.get("files"):
+            eval_sets, skipped = mode_prompts(e.files, rewards, tokenizer, max_prompt, r)
+            if rank0:
+                print("held-out " + describe([p for ps in eval_sets.values() for p in ps], skipped), flush=True)
+        counts, prompts, samples, on_disk = {}, [], None, False
+        if phase == "on_policy":
+            sets, skipped = mode_prompts(d.data.files, rewards, tokenizer, max_prompt, r)
+            prompts = [p for ps in sets.values() for p in ps]
+            if rank0:
+                print(describe(prompts, skipped), flush=True)
+            if not prompts:
+                raise ConfigError(f"distill.data.files hold no usable prompt ({describe(prompts, skipped)})")
+            counts = {"data/prompts": float(len(prompts))}
+        else:
+            on_disk = records_on_disk(d.data.files)
+            data, skipped = distill_data.read_teacher_rows(list(d.data.files), s.trainer.seq_length,
+                                                           need_topk=on_disk)
+            if rank0:
+                print(distill_data.describe(data, skipped), flush=True)
+            if not len(data):
+                raise ConfigError(f"distill.data.files hold no usable response ({distill_data.describe(data, skipped)})")
+            rows = distill_data.DistillSamples(data, s.trainer.seq_length, int(cfg.seed),
+                                               top_k=c.top_k if on_disk else 0)
+            t = s.trainer
+            samples = SampleBatches(rows, [], t.global_batch_size, t.micro_batch_size,
+                                    parallel_state.get_data_parallel_rank(),
+                                    parallel_state.get_data_parallel_world_size())
+            counts = {"data/responses": float(len(data))}
+        counts["data/skipped_rows"] = float(sum(skipped.values()))
+        work = DistillTask(cfg, s, engine, r, c, phase, tokenizer, teacher, prompts, eval_sets,
+                           int(e.get("samples", 1)), int(e.get("interval", 0)), samples,
+                           score_online=phase == "off_policy" and not on_disk,
+                           eval_temperature=float(e.get("temperature", 0.0)))
+        return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step, report_keys=REPORT_KEYS,
+                    state=work.state, summarize=lambda _: counts,
+                    tokens_per_step=s.trainer.global_batch_size * s.trainer.seq_length)
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    sys.exit(run(cfg, Distill()))
+
+
+if __name__ == "__main__":
+    main()
