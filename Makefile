@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-slow test-all params bench-data bench-train bench-rollout slurm-up slurm-down clean
+.PHONY: setup test test-slow test-all pipeline-mini params bench-data bench-train bench-rollout slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ test-slow: setup
 # Everything that can run here; `gpu` tests skip themselves without CUDA.
 test-all: setup
 	$(PY) -m pytest -q -m "" tests
+
+# Both Qwen3 training paths end to end with tiny models on generated data (flagship: S1-S3,
+# cold start, reasoning RL, fusion, general RL; small: S1-S3, off- and on-policy distillation),
+# then runs/mini/report.md with plots and the thinking-budget curve. Re-running continues.
+pipeline-mini: setup
+	$(PY) -m recipes.pipeline_mini --root runs/mini
 
 # Parameter-count table of the published sizes.
 params: setup

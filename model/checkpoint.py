@@ -102,6 +102,19 @@ def load_model(chunks, ckpt_dir: str | Path) -> None:
     apply_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(ckpt_dir)))
 
 
+def load_for_inference(ckpt_dir: str | Path, par, model_cfg: ModelConfig | None = None) -> list:
+    """Collective: model chunks for this rank built from the checkpoint's own config (or
+    `model_cfg`) and loaded, in the inference dtype (bf16 on GPU, fp32 on CPU), eval mode."""
+    from model.builder import build_model
+
+    cfg = model_cfg or read_model_config(ckpt_dir)
+    chunks = build_model(cfg, par, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    load_model(chunks, ckpt_dir)
+    for c in chunks:
+        c.eval()
+    return chunks
+
+
 def apply_model_state(chunks, loaded: dict) -> None:
     """Copy the model entries of a loaded state dict into the chunks."""
     if len(chunks) == 1:

@@ -12,7 +12,7 @@ mcore-to-hf builds no model: it reads the checkpoint one layer at a time and wri
 HF safetensors shards, an index and a `config.json` that transformers loads as
 Qwen3ForCausalLM / Qwen3MoeForCausalLM. Both directions are bit-exact.
 
-All tensor-name knowledge lives in `RULES`: one row per megatron-core checkpoint key,
+All tensor-name knowledge lives in `rules(cfg)`: one row per megatron-core checkpoint key,
 with the HF tensors it is made of and how (copy, concatenate, interleave QKV).
 """
 

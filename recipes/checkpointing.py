@@ -20,6 +20,7 @@ same `iter_N.tmp` → `iter_N` rename (recipes.deepspeed_engine, model.ds_conver
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -109,6 +110,26 @@ def resolve_init_from(init_from: str, run_dir: Path) -> Path:
             return final_checkpoint(path)
     raise ConfigError(f"stage.init_from={init_from!r} is neither a stage of run {run_dir} nor a "
                       "checkpoint directory (no metadata.json)")
+
+
+def fingerprint(ckpt_dir: Path, edge: int = 1 << 20) -> str:
+    """A short identity of a checkpoint's contents: SHA-256 over every file's path and
+    size, small files whole and large ones by their first and last MiB. Cheap at any
+    model size (reading a multi-TB checkpoint whole is not), yet any rewrite of the
+    weights changes it, so a pipeline can show which checkpoint each stage consumed."""
+    h = hashlib.sha256()
+    root = Path(ckpt_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * edge:
+                h.update(f.read())
+            else:
+                h.update(f.read(edge))
+                f.seek(-edge, os.SEEK_END)
+                h.update(f.read(edge))
+    return h.hexdigest()[:16]
 
 
 def load_weights(chunks, ckpt_dir: Path) -> None:

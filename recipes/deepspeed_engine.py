@@ -62,8 +62,9 @@ def deepspeed_problems(ds: DeepSpeedSettings, parallel: ParallelConfig, precisio
                             "(ZeRO is data parallelism only; use trainer.backend=megatron)")
     if parallel.vpp is not None:
         problems.append(f"parallel.vpp={parallel.vpp} is not supported with trainer.backend=deepspeed")
-    if recipe == "rl":
-        problems.append("stage.recipe=rl is not supported with backend=deepspeed; use trainer.backend=megatron")
+    if recipe in ("rl", "distill"):   # both sample from the engine's megatron-core chunks
+        problems.append(f"stage.recipe={recipe} is not supported with backend=deepspeed; "
+                        "use trainer.backend=megatron")
     if ds.zero_stage not in ZERO_STAGES:
         problems.append(f"deepspeed.zero_stage={ds.zero_stage} must be 1, 2 or 3 "
                         "(plain data parallelism is trainer.backend=megatron)")

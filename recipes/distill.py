@@ -471,7 +471,8 @@ class Distill:
                            eval_temperature=float(e.get("temperature", 0.0)))
         return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step, report_keys=REPORT_KEYS,
                     state=work.state, summarize=lambda _: counts,
-                    tokens_per_step=s.trainer.global_batch_size * s.trainer.seq_length)
+                    tokens_per_step=s.trainer.global_batch_size * s.trainer.seq_length,
+                    sources={"teacher": source.resolve()} if source is not None else {})
 
 
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)

@@ -356,6 +356,9 @@ def _settings(cfg) -> dict:
         raise ConfigError(f"top_k_logprobs={k} must be >= 0 and logprob_temperature={temperature} > 0")
     if int(cfg.max_new_tokens) < 1 or int(cfg.batch_size) < 1:
         raise ConfigError("max_new_tokens and batch_size must be >= 1")
+    max_rows = cfg.get("max_rows")
+    if max_rows is not None and int(max_rows) < 1:
+        raise ConfigError(f"max_rows={max_rows} must be >= 1 (null: every row)")
     src = Path(str(cfg.input))
     if not src.is_file():
         raise ConfigError(f"input={src} does not exist")
@@ -363,7 +366,8 @@ def _settings(cfg) -> dict:
     return {"modes": modes or [None], "top_k": k, "temperature": temperature, "sampling": sampling,
             "ids": bool(cfg.get("ids")) or k > 0, "flags": bool(cfg.get("mode_flags")), "input": src,
             "output": Path(str(cfg.output)), "batch_size": int(cfg.batch_size),
-            "kill_after": cfg.get("inject_kill_after_rows")}
+            "kill_after": cfg.get("inject_kill_after_rows"),
+            "max_rows": None if max_rows is None else int(max_rows)}
 
 
 def _read_items(src: Path, modes: list) -> tuple[list, int]:
@@ -399,7 +403,7 @@ def run_cli(cfg) -> int:
     from data_pipeline.distill_data import TopKWriter
     from data_pipeline.fusion import in_mode
     from data_pipeline.tokenizer import load_tokenizer
-    from model.checkpoint import load_model, read_model_config
+    from model.checkpoint import load_for_inference, read_model_config
     from model.config import ParallelConfig, from_dict
     from model.parallel import destroy_distributed, init_distributed, minimum_world_size, validate_layout
     from recipes.checkpointing import resolve_init_from
@@ -425,15 +429,14 @@ def run_cli(cfg) -> int:
 
     import torch.distributed as dist
 
-    from model.builder import build_model
-
     sampling, k, out_path = opts["sampling"], opts["top_k"], opts["output"]
     init_distributed(par, seed=int(sampling.seed), model=model_cfg)
     rank0 = dist.get_rank() == 0
-    chunks = build_model(model_cfg, par, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    load_model(chunks, ckpt)
+    chunks = load_for_inference(ckpt, par, model_cfg)
 
     items, bad = _read_items(opts["input"], opts["modes"])
+    if opts["max_rows"] is not None:   # items are row-major: each row's modes together
+        items = items[:opts["max_rows"] * len(opts["modes"])]
     resume = [None]
     if rank0:   # rank 0 alone reads (and repairs) the output; the others get its answer
         out_path.parent.mkdir(parents=True, exist_ok=True)

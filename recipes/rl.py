@@ -469,14 +469,10 @@ def install_model_rewards(cfg: DictConfig, s: Settings, tokenizer) -> None:
     if cfg.rl.get("reward_model"):
         model_based.use_reward_model(model_based.ModelReward(str(cfg.rl.reward_model), tokenizer))
     if cfg.rl.get("judge") and cfg.rl.judge.get("checkpoint"):
-        from model.builder import build_model
-        from model.checkpoint import load_model, read_model_config
+        from model.checkpoint import load_for_inference
         from recipes.checkpointing import resolve_init_from
 
-        ckpt = resolve_init_from(str(cfg.rl.judge.checkpoint), s.run_dir)
-        chunks = build_model(read_model_config(ckpt), s.parallel, dtype=torch.bfloat16 if torch.cuda.is_available()
-                             else torch.float32)
-        load_model(chunks, ckpt)
+        chunks = load_for_inference(resolve_init_from(str(cfg.rl.judge.checkpoint), s.run_dir), s.parallel)
         model_based.use_judge(model_based.GenerativeJudge(chunks, tokenizer,
                                                           max_new_tokens=int(cfg.rl.judge.max_new_tokens)))
 

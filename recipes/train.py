@@ -85,6 +85,9 @@ class Task:
     # the stage's own state (RL: prompt cursor, entropy coefficient): saved in every
     # checkpoint and restored on resume, so it must stay picklable
     state: dict = field(default_factory=dict)
+    # checkpoints the stage reads besides its starting weights ({"teacher": path}),
+    # recorded in final.json so that a pipeline can check what each stage consumed
+    sources: dict = field(default_factory=dict)
 
 
 class Recipe(Protocol):
@@ -280,22 +283,29 @@ class _StopFlag:
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
+def validate(cfg: DictConfig, recipe: Recipe) -> tuple[Settings, int]:
+    """Every check a stage makes before it launches anything: (settings, processes to
+    launch). Raises ConfigError with one line naming every problem found."""
+    if str(cfg.stage.recipe) != recipe.name:
+        raise ConfigError(f"stage {cfg.stage.name} is a {cfg.stage.recipe} stage; "
+                          f"run it with python -m recipes.{cfg.stage.recipe}")
+    s = settings_from(cfg)
+    nprocs = s.trainer.nprocs or minimum_world_size(s.parallel)
+    world_size = int(os.environ.get("WORLD_SIZE", nprocs))
+    check_settings(s, world_size, str(cfg.stage.recipe))
+    check_start(*starting_point(cfg, s), s, world_size)
+    recipe.validate(cfg, s)
+    return s, nprocs
+
+
 def run(cfg: DictConfig, recipe: Recipe) -> int:
     """Validate, launch, train. Returns the process exit code."""
     try:
-        if str(cfg.stage.recipe) != recipe.name:
-            raise ConfigError(f"stage {cfg.stage.name} is a {cfg.stage.recipe} stage; "
-                              f"run it with python -m recipes.{cfg.stage.recipe}")
-        s = settings_from(cfg)
-        launched = "WORLD_SIZE" in os.environ
-        nprocs = s.trainer.nprocs or minimum_world_size(s.parallel)
-        world_size = int(os.environ["WORLD_SIZE"]) if launched else nprocs
-        check_settings(s, world_size, str(cfg.stage.recipe))
-        check_start(*starting_point(cfg, s), s, world_size)
-        recipe.validate(cfg, s)
+        s, nprocs = validate(cfg, recipe)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    launched = "WORLD_SIZE" in os.environ
     if not launched and nprocs > 1:
         from model.launch import relaunch_if_needed
 
@@ -325,6 +335,8 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     state = {"step": 0, "consumed_samples": 0, "nan_steps": 0, "counts": {}}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(engine, resume_from))
+    else:
+        state["sources"] = {"init_from": str(init_from.resolve()) if init_from is not None else None}
 
     if rank0:
         s.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +347,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
         engine.loss_fn = task.loss_fn
     engine.report_keys = ("lm loss", *task.report_keys)
     task.state.update(state.get("task", {}))
+    state.setdefault("sources", {}).update({k: str(v) for k, v in task.sources.items()})
     state["task"] = task.state
     log = RunLog(s.stage_dir, str(cfg.run.name), str(cfg.stage.name), OmegaConf.to_container(cfg, resolve=True),
                  state["step"], t.max_steps, t.log_interval, OmegaConf.to_container(cfg.logging.wandb),
@@ -396,7 +409,8 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
             if rank0:
                 last = ckpt.latest_checkpoint(s.stage_dir)
                 ckpt.write_atomic(s.stage_dir / ckpt.FINAL, json.dumps(
-                    {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"]}, indent=2) + "\n")
+                    {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"], **state["sources"]},
+                    indent=2) + "\n")
             log.event("finished", step=state["step"])
     finally:
         log.close()

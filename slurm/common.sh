@@ -25,6 +25,7 @@ qwen3_stage_module() {
         sft_cold_start|sft_fusion) echo recipes.sft ;;
         rl_reasoning|rl_general) echo recipes.rl ;;
         distill_off_policy|distill_on_policy) echo recipes.distill ;;
+        generate) echo recipes.generate ;;
         *) return 1 ;;
     esac
 }
@@ -93,7 +94,10 @@ qwen3_launch() {
     fi
 
     local overrides=("stage=$stage" "$@")
-    if ((${SLURM_RESTART_COUNT:-0} > 0)); then
+    if [[ $stage == generate ]]; then
+        # not a training stage: its own config (hydra_conf/generate.yaml), resumable by itself
+        overrides=("$@")
+    elif ((${SLURM_RESTART_COUNT:-0} > 0)); then
         # A requeued job continues the stage from its `latest` checkpoint.
         overrides+=(trainer.resume=auto)
     fi

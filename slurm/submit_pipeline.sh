@@ -5,12 +5,13 @@
 #                            [sbatch options as --opt=value ...] PIPELINE [hydra overrides ...]
 #
 # PIPELINE is a name from hydra_conf/pipeline/ (qwen3_pretrain, qwen3_flagship, qwen3_small)
-# or a path to such a file: an ordered `stages:` list. Each stage is submitted with its own
-# template (slurm/<stage>.sbatch), depends on the previous job with afterok (a failed stage
-# cancels the rest), and starts from the previous stage's final checkpoint
-# (stage.init_from=<previous stage>, found in the same run directory). The same Hydra
-# overrides and sbatch options go to every stage, so every stage shares run.root/run.name;
-# an override written STAGE:key=value goes to that stage only (pretrain_s1:trainer.max_steps=N).
+# or a path to such a file (see recipes/pipeline.py, which runs the same file locally). Each
+# stage is submitted with its own template (slurm/<stage>.sbatch) and the overrides the
+# pipeline gives it (its init_from, teacher, per-stage settings), and depends on the previous
+# job with afterok (a failed stage cancels the rest). Teacher data a stage needs first is a
+# job of its own (slurm/generate.sbatch). The same Hydra overrides and sbatch options go to
+# every job, so every stage shares run.root/run.name; an override written STAGE:key=value
+# (or stages.STAGE.key=value) goes to that stage only (pretrain_s1:trainer.max_steps=N).
 # Logs go to <run.root>/<run.name>/slurm/<stage>-<jobid>.{out,err}.
 set -euo pipefail
 
@@ -50,22 +51,22 @@ for a in "$@"; do
     if [[ $a =~ ^[A-Za-z0-9_]+: ]]; then staged+=("$a"); else overrides+=("$a"); fi
 done
 
-if [[ -f $pipeline ]]; then
-    file=$pipeline
-else
-    file=$REPO/hydra_conf/pipeline/$pipeline.yaml
-    [[ -f $file ]] || die "no pipeline '$pipeline' (have: $(cd "$REPO/hydra_conf/pipeline" && ls ./*.yaml | sed 's|^\./||; s|\.yaml$||' | xargs))"
-fi
-
-# The top-level `stages:` list, block (`- name` lines) or flow (`[a, b]`) style.
-mapfile -t stages < <(awk '
-    /^stages:[[:space:]]*\[/ { sub(/^stages:[[:space:]]*\[/, ""); sub(/\].*$/, ""); gsub(/[[:space:]]/, "")
-                               n = split($0, s, ","); for (i = 1; i <= n; i++) if (s[i] != "") print s[i]; exit }
-    /^stages:[[:space:]]*(#.*)?$/ { inlist = 1; next }
-    inlist && /^[[:space:]]*(#.*)?$/ { next }
-    inlist && /^[[:space:]]+-/ { sub(/^[[:space:]]+-[[:space:]]*/, ""); sub(/[[:space:]]*(#.*)?$/, ""); print; next }
-    inlist { exit }' "$file")
-((${#stages[@]})) || die "$file has no 'stages:' list"
+# The chain comes from the pipeline runner itself (python -m recipes.pipeline --plan), so a
+# local run and a SLURM chain read the pipeline file the same way: one line per job,
+# `stage|generate <tab> NAME <tab> TEMPLATE <tab> overrides...`, every job's overrides complete.
+if [[ -x $REPO/.venv/bin/python ]]; then py=${QWEN3_PYTHON:-$REPO/.venv/bin/python}; else py=${QWEN3_PYTHON:-python3}; fi
+plan_args=()
+for a in "${overrides[@]}"; do plan_args+=("$a"); done
+for a in "${staged[@]}"; do plan_args+=("stages.${a%%:*}.${a#*:}"); done
+plan=$(cd "$REPO" && PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONWARNINGS=ignore \
+       "$py" -m recipes.pipeline "pipeline=$pipeline" --plan "${plan_args[@]}") || exit 2
+mapfile -t jobs <<< "$plan"
+((${#jobs[@]})) && [[ -n ${jobs[0]} ]] || die "pipeline $pipeline has no stages"
+stages=()
+for line in "${jobs[@]}"; do
+    IFS=$'\t' read -r kind stage _ <<< "$line"
+    [[ $kind == stage ]] && stages+=("$stage")
+done
 
 # --from / --to: a slice of the chain (e.g. to continue after a failed stage).
 first=0 last=$((${#stages[@]} - 1))
@@ -76,16 +77,14 @@ done
 [[ -z $from || ${stages[first]} == "$from" ]] || die "--from $from: not a stage of $pipeline (${stages[*]})"
 [[ -z $to || ${stages[last]} == "$to" ]] || die "--to $to: not a stage of $pipeline (${stages[*]})"
 ((first <= last)) || die "--from $from comes after --to $to in $pipeline"
-stages=("${stages[@]:first:last-first+1}")
-for a in "${staged[@]}"; do
-    [[ " ${stages[*]} " == *" ${a%%:*} "* ]] || die "$a: ${a%%:*} is not a stage of this chain (${stages[*]})"
-done
+wanted=" ${stages[*]:first:last-first+1} "
 
-# Every stage must be runnable from this checkout before anything is submitted.
-for stage in "${stages[@]}"; do
-    [[ $stage =~ ^[A-Za-z0-9_]+$ ]] || die "$file: stage '$stage' is not a plain name"
-    [[ -f $REPO/slurm/$stage.sbatch ]] || die "no template slurm/$stage.sbatch for stage $stage"
-    if ! qwen3_check_stage "$REPO" "$stage"; then
+# Every job must be runnable from this checkout before anything is submitted.
+for line in "${jobs[@]}"; do
+    IFS=$'\t' read -r kind stage template _ <<< "$line"
+    [[ $wanted == *" $stage "* ]] || continue
+    [[ -f $REPO/slurm/$template.sbatch ]] || die "no template slurm/$template.sbatch for $kind $stage"
+    if ! qwen3_check_stage "$REPO" "$template"; then
         ((dry_run)) || exit 2
     fi
 done
@@ -116,26 +115,27 @@ logs=${run_root:-runs}/${run_name:+$run_name/}slurm
 
 export QWEN3_REPO=$REPO
 ((dry_run)) || mkdir -p "$logs"
-ids=() previous='' dependency=${after:+afterok:$after}
-for stage in "${stages[@]}"; do
-    cmd=(sbatch --parsable --output="$logs/%x-%j.out" --error="$logs/%x-%j.err")
+ids=() dependency=${after:+afterok:$after}
+for line in "${jobs[@]}"; do
+    IFS=$'\t' read -r -a fields <<< "$line"
+    kind=${fields[0]} stage=${fields[1]} template=${fields[2]} args=("${fields[@]:3}")
+    [[ $wanted == *" $stage "* ]] || continue
+    cmd=(sbatch --parsable --job-name="$([[ $kind == generate ]] && echo "generate_$stage" || echo "$stage")"
+         --output="$logs/%x-%j.out" --error="$logs/%x-%j.err")
     [[ -n $dependency ]] && cmd+=(--dependency="$dependency" --kill-on-invalid-dep=yes)
-    cmd+=("${sbatch_opts[@]}" "$REPO/slurm/$stage.sbatch" "${overrides[@]}")
-    [[ -n $previous ]] && cmd+=("stage.init_from=$previous")
-    for a in "${staged[@]}"; do
-        [[ ${a%%:*} == "$stage" ]] && cmd+=("${a#*:}")
-    done
+    cmd+=("${sbatch_opts[@]}" "$REPO/slurm/$template.sbatch" "${args[@]}")
+    name=$stage
+    [[ $kind == generate ]] && name=generate_$stage
     if ((dry_run)); then
         printf '%q ' "${cmd[@]}"
         echo
-        id="\$JOB_$stage"
+        id="\$JOB_$name"
     else
         id=$("${cmd[@]}")
         id=${id%%;*}  # --parsable prints "id" or "id;cluster"
-        echo "submitted $stage $id"
+        echo "submitted $name $id"
     fi
     ids+=("$id")
-    previous=$stage
     dependency=afterok:$id
 done
 if ((!dry_run)); then

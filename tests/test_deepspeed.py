@@ -193,7 +193,8 @@ def settings_for(*overrides):
     (["deepspeed.offload_param=cpu"], "deepspeed.offload_param=cpu needs deepspeed.zero_stage=3"),
     (["deepspeed.offload_optimizer=nvme"], "deepspeed.offload_optimizer='nvme' must be 'none' or 'cpu'"),
     (["precision=fp8_delayed"], "precision=fp8_delayed is not supported with trainer.backend=deepspeed"),
-    (["stage.recipe=rl"], "not supported with backend=deepspeed"),
+    (["stage.recipe=rl"], "stage.recipe=rl is not supported with backend=deepspeed"),
+    (["stage.recipe=distill"], "stage.recipe=distill is not supported with backend=deepspeed"),
     (["deepspeed.config=/nonexistent/ds.json"], "deepspeed.config=/nonexistent/ds.json: no such file"),
 ])
 def test_unsupported_combination_is_one_clear_error(overrides, message):

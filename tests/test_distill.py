@@ -33,7 +33,7 @@ import sys
 import pytest
 
 from recipes.run_log import read_metrics
-from tests.conftest import python_module, run, torchrun, write_jsonl
+from tests.conftest import config_error, python_module, run, torchrun, write_jsonl
 
 STUDENT = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=192", "model.kv_channels=32"]
 
@@ -124,12 +124,16 @@ def test_teacher_generation_resumes_after_a_kill(arith_task, qwen3_tokenizer_dir
 # ---------------------------------------------------------------- configurations refused before launch
 
 def distill(root, tokenizer, *overrides, check=True, timeout=1800):
-    return run([sys.executable, "-m", "recipes.distill", f"run.root={root / 'runs'}", f"distill.data.tokenizer={tokenizer}",
+    return run(distill_command(root, tokenizer, *overrides), check=check, timeout=timeout)
+
+
+def distill_command(root, tokenizer, *overrides) -> list:
+    return ([sys.executable, "-m", "recipes.distill", f"run.root={root / 'runs'}", f"distill.data.tokenizer={tokenizer}",
                 "trainer.seq_length=64", "trainer.global_batch_size=16", "trainer.micro_batch_size=16",
                 "trainer.log_interval=1", "logging.progress=false", "logging.wandb.mode=disabled",
                 "distill.rollout.max_new_tokens=40", "distill.rollout.prompts_per_step=16", "distill.rollout.flags=false",
                 "distill.loss.top_k=16",
-                *map(str, overrides)], check=check, timeout=timeout)
+                *map(str, overrides)])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -141,9 +145,12 @@ def distill(root, tokenizer, *overrides, check=True, timeout=1800):
 ])
 def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_dir, override, message):
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+1?", "reference": "2"}])
-    proc = distill(tmp_path, qwen3_tokenizer_dir, "stage=distill_on_policy", "stage.init_from=null",
-                   f"teacher={arith_task / 'base'}", f"distill.data.files=[{tmp_path / 'prompts.jsonl'}]", override,
-                   check=False)
+    args = (tmp_path, qwen3_tokenizer_dir, "stage=distill_on_policy", "stage.init_from=null",
+            f"teacher={arith_task / 'base'}", f"distill.data.files=[{tmp_path / 'prompts.jsonl'}]", override)
+    if not override.startswith("distill.teacher_parallel"):   # in this process: recipes.train.validate
+        assert message in config_error(distill_command(*args))
+        return
+    proc = distill(*args, check=False)   # one real launch: exit code 2 and one stderr line
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], proc.stderr[-2000:]

@@ -29,7 +29,7 @@ import sys
 import pytest
 
 from recipes.run_log import read_metrics
-from tests.conftest import make_hf_model, python_module, read_json, run, write_jsonl
+from tests.conftest import config_error, make_hf_model, python_module, read_json, run, write_jsonl
 
 SFT_STEPS, RL_STEPS = 20, 10
 NO_THINK = 0.5   # fraction of the SFT rows without reasoning
@@ -79,10 +79,13 @@ def skips_reasoning(rl_data, arith_cold_start, qwen3_tokenizer_dir):
     return root / "runs" / "skip" / "sft_cold_start"
 
 
+def rl_command(root, tokenizer, data, *overrides) -> list:
+    return [sys.executable, "-m", "recipes.rl", "stage=rl_reasoning", f"run.root={root / 'runs'}",
+            f"rl.data.files=[{data}]", f"rl.data.tokenizer={tokenizer}", *RL_ARGS, *map(str, overrides)]
+
+
 def rl(root, tokenizer, data, *overrides, check=True):
-    cmd = [sys.executable, "-m", "recipes.rl", "stage=rl_reasoning", f"run.root={root / 'runs'}",
-           f"rl.data.files=[{data}]", f"rl.data.tokenizer={tokenizer}", *RL_ARGS, *map(str, overrides)]
-    return run(cmd, check=check, timeout=1800)
+    return run(rl_command(root, tokenizer, data, *overrides), check=check, timeout=1800)
 
 
 def test_reasoning_rl_raises_held_out_reward(rl_data, skips_reasoning, qwen3_tokenizer_dir):
@@ -164,8 +167,11 @@ def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_di
 
     write_jsonl(tmp_path / "rl.jsonl", addition_problems(4, 2, seed=3))
     start = [] if override.startswith("init_from=") else [f"init_from={arith_task / 'base'}"]
-    proc = rl(tmp_path, qwen3_tokenizer_dir, tmp_path / "rl.jsonl", "stage.init_from=null", *start, override,
-              check=False)
+    args = (tmp_path, qwen3_tokenizer_dir, tmp_path / "rl.jsonl", "stage.init_from=null", *start, override)
+    if override != "rl.grpo.kl_estimator=k9":   # in this process: recipes.train.validate
+        assert message in config_error(rl_command(*args))
+        return
+    proc = rl(*args, check=False)   # one real launch: exit code 2 and one stderr line
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], proc.stderr[-2000:]

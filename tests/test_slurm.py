@@ -204,7 +204,7 @@ def test_every_stage_has_a_template_and_a_module():
     text = (REPO / "slurm" / "common.sh").read_text()
     stages = re.findall(r"^\s+([a-z0-9_|]+)\) echo recipes\.", text, re.M)
     stages = [s for group in stages for s in group.split("|")]
-    assert len(stages) == 9
+    assert len(stages) == 10 and "generate" in stages
     for stage in stages:
         template = (REPO / "slurm" / f"{stage}.sbatch").read_text()
         for option in ("--nodes=", "--ntasks-per-node=", "--gpus-per-node=", "--cpus-per-task=", "--time=",
@@ -221,16 +221,28 @@ def test_dry_run_prints_the_chain():
     out = subprocess.run(["bash", str(SUBMIT), "--dry-run", "--nodes=4", "qwen3_small", "model=qwen3_8b",
                           "run.root=/r", "distill_on_policy:trainer.max_steps=7"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    stages = ["pretrain_s1", "pretrain_s2", "pretrain_s3", "distill_off_policy", "distill_on_policy"]
-    assert [re.search(r"/slurm/(\w+)\.sbatch", line).group(1) for line in out] == stages
+    jobs = ["pretrain_s1", "pretrain_s2", "pretrain_s3", "generate", "distill_off_policy", "distill_on_policy"]
+    names = [*jobs[:3], "generate_distill_off_policy", *jobs[4:]]
+    # where each stage's weights come from, as qwen3_small.yaml wires it
+    init = {"pretrain_s2": "pretrain_s1", "pretrain_s3": "pretrain_s2", "distill_off_policy": "pretrain_s3",
+            "distill_on_policy": "distill_off_policy"}
+    assert [re.search(r"/slurm/(\w+)\.sbatch", line).group(1) for line in out] == jobs
     for i, line in enumerate(out):
+        words = line.split()
         assert "--nodes=4" in line and "--output=/r/qwen3_8b/slurm/%x-%j.out" in line
+        assert f"--job-name={names[i]}" in words
         if i == 0:
-            assert "--dependency" not in line and "stage.init_from" not in line
+            assert "--dependency" not in line and "init_from" not in line
         else:
-            assert f"--dependency=afterok:\\$JOB_{stages[i - 1]}" in line
-            assert f"stage.init_from={stages[i - 1]}" in line.split()
-    assert out[-1].rstrip().endswith("trainer.max_steps=7") and "max_steps=7" not in "".join(out[:-1])
+            assert f"--dependency=afterok:\\$JOB_{names[i - 1]}" in line
+        if jobs[i] in init:
+            assert f"init_from={init[jobs[i]]}" in words
+        if jobs[i].startswith("distill"):
+            assert "teacher=/r/qwen3_235b_a22b/rl_general" in words, line
+    # the teacher data: written by the generate job, read by the off-policy stage
+    assert "output=/r/qwen3_8b/teacher_data/teacher.jsonl" in out[3].split()
+    assert "distill.data.files=\\[/r/qwen3_8b/teacher_data/teacher.jsonl\\]" in out[4].split()
+    assert "trainer.max_steps=7" in out[-1].split() and "max_steps=7" not in "".join(out[:-1])
 
 
 def test_missing_recipe_is_one_clear_line(tmp_path):

@@ -1,0 +1,462 @@
+"""Run a whole Qwen3 training path, stage after stage, with an eval after each.
+
+    python -m recipes.pipeline pipeline=qwen3_flagship model=qwen3_32b parallel=qwen3_32b
+    python -m recipes.pipeline pipeline=qwen3_small model=qwen3_0_6b teacher=runs/qwen3_32b/rl_general
+    python -m recipes.pipeline pipeline=qwen3_flagship stages.rl_reasoning.trainer.max_steps=5
+
+A pipeline file (hydra_conf/pipeline/<name>.yaml, or a path) lists `stages` in order. Each
+entry names the hydra_conf/stage/ config it runs (`stage`), where its weights come from
+(`init_from`: an earlier stage of the same run, or a checkpoint directory), the teacher for
+distillation (`teacher`), optional teacher data to generate first (`generate`:
+recipes.generate settings), and any other config key as an override for that stage alone.
+`common` holds overrides for every stage. `extends: <pipeline>` starts from another pipeline
+file (merged key by key: an entry of `stages` adds to the base's entry). Inside the file `${run_dir}` and
+`${data_root}` (and `${run_root}`) are the run directory and data.root the stages resolve.
+
+Command-line overrides: `stages.<stage>.<key>=<value>` goes to one stage; a key of the
+pipeline file itself (`teacher=`, `eval.samples=`, `budget_curve.budgets=`) changes the
+pipeline; everything else goes to every stage (and `parallel` to the evals too).
+
+Every stage runs as its own process (`python -m recipes.<recipe>`, which re-launches itself
+on trainer.nprocs ranks). A stage that has finished and been evaluated has a marker,
+<run dir>/pipeline/<stage>.json, written atomically, recording the checkpoint it ended with,
+the checkpoint it started from and the teacher (as its own final.json reports them, with a
+content fingerprint of each), and its eval. Re-running the same command skips marked stages;
+a stage that crashed continues from its own `latest` checkpoint (the trainer resumes by
+itself), so nothing finished is redone. `--plan` prints each stage's overrides, one line per
+stage, for slurm/submit_pipeline.sh; `--dry-run` prints the commands without running them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "hydra_conf"
+# Entry keys the runner interprets; any other key of an entry is a config override.
+ENTRY_KEYS = ("stage", "init_from", "teacher", "generate")
+MARKERS = "pipeline"
+
+
+@dataclass
+class Stage:
+    name: str
+    order: int
+    config: str                 # hydra_conf/stage/<config>.yaml
+    recipe: str = ""
+    overrides: list[str] = field(default_factory=list)   # entry + per-stage CLI overrides
+    init_from: str | None = None
+    teacher: str | None = None
+    generate: dict | None = None
+    stage_dir: Path | None = None
+
+
+@dataclass
+class Plan:
+    name: str
+    run_dir: Path
+    data_root: Path
+    common: list[str]
+    stages: list[Stage]
+    settings: DictConfig        # the pipeline file with its CLI changes (eval, budget_curve, ...)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+_PLAIN = re.compile(r"^[\w./@+-]+$")
+
+
+def override_value(value) -> str:
+    """A value in Hydra's override syntax: lists and dicts in brackets, odd strings quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _PLAIN.match(text) and text not in ("null", "true", "false"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def flatten(node: dict, prefix: str = "") -> list[str]:
+    """Nested config keys as dotted `key=value` overrides (lists stay whole)."""
+    out = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += flatten(value, path + ".")
+        else:
+            out.append(f"{path}={override_value(value)}")
+    return out
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+# ----------------------------------------------------------------------------- planning
+
+def load_pipeline(name: str, seen: tuple = ()) -> DictConfig:
+    """A pipeline file by name (hydra_conf/pipeline/) or path, with `extends` applied."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) or Path(name).is_file() else CONF / "pipeline" / f"{name}.yaml"
+    if not path.is_file():
+        have = " ".join(sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml")))
+        raise ConfigError(f"no pipeline {name!r} (have: {have})")
+    if path.resolve() in seen:
+        raise ConfigError(f"pipeline {path} extends itself")
+    conf = OmegaConf.load(path)
+    base = conf.pop("extends", None)
+    if base:
+        conf = OmegaConf.merge(load_pipeline(str(base), seen + (path.resolve(),)), conf)
+    if not isinstance(conf.get("stages"), DictConfig) or not conf.stages:
+        raise ConfigError(f"pipeline {path} has no `stages:` mapping (stage -> settings)")
+    return conf
+
+
+def compose_stage(config: str, overrides: list[str]) -> DictConfig:
+    """The stage's full config as its recipe will see it (Hydra compose, no side effects)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            cfg = compose(config_name="config", overrides=[f"stage={config}", *overrides])
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"stage {config}: {first}") from None
+    return cfg
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], dict]:
+    """(pipeline name, key=value overrides, flags)."""
+    flags = {"plan": False, "dry_run": False}
+    name, overrides = None, []
+    for arg in argv:
+        if arg in ("--plan", "--dry-run"):
+            flags[arg[2:].replace("-", "_")] = True
+        elif arg in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        elif arg.startswith("pipeline="):
+            name = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r} (expected key=value, --plan or --dry-run)")
+    if not name:
+        raise ConfigError("pipeline= is required (e.g. pipeline=qwen3_flagship)")
+    return name, overrides, flags
+
+
+def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
+    """Everything the run needs, checked before any stage starts: every stage's config
+    composes with its overrides, and every stage shares one run directory. With `check`
+    (a run on this machine), also each stage's training settings at the world size it will
+    launch with (recipes.train.check_settings: layout, batch sizes, schedule, precision)."""
+    conf = load_pipeline(name)
+    own = set(conf.keys()) - {"stages"}
+    common, per_stage, pipeline_changes = [], {}, []
+    for o in overrides:
+        key = _key(o)
+        head = key.split(".", 1)[0]
+        if head == "stages":
+            parts = key.split(".", 2)
+            if len(parts) < 3 or parts[1] not in conf.stages:
+                raise ConfigError(f"{o}: expected stages.<stage>.<key>=<value> with a stage of this pipeline "
+                                  f"({', '.join(conf.stages)})")
+            if parts[2].split(".", 1)[0] in ENTRY_KEYS:
+                pipeline_changes.append(o)   # e.g. stages.sft_fusion.init_from=...
+            else:
+                per_stage.setdefault(parts[1], []).append(f"{parts[2]}={o.split('=', 1)[1]}")
+        elif head in own:
+            pipeline_changes.append(o)
+        else:
+            common.append(o)
+    if pipeline_changes:
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(pipeline_changes))
+    # the file's own overrides for every stage come first: the command line wins
+    if conf.get("common"):
+        common = flatten(OmegaConf.to_container(conf.common, resolve=True)) + common
+
+    entries = list(conf.stages.items())
+    first = entries[0][1]
+    base = compose_stage(str(first.get("stage", entries[0][0])), common)
+    run_dir = Path(str(base.run.root)) / str(base.run.name)
+    data_root = Path(str(base.data.root))
+    if "teacher" in conf and OmegaConf.is_missing(conf, "teacher"):
+        raise ConfigError(f"pipeline {name} needs teacher=<the flagship's final stage directory, "
+                          "or a converted HF Qwen3 checkpoint>")
+    conf = OmegaConf.merge(conf, {"run_dir": str(run_dir), "run_root": str(base.run.root),
+                                  "data_root": str(data_root)})
+    try:
+        OmegaConf.resolve(conf)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"pipeline {name}: {str(e).strip().splitlines()[0]}") from None
+
+    stages, earlier = [], []
+    for order, (key, entry) in enumerate(conf.stages.items()):
+        entry = OmegaConf.to_container(entry) if entry is not None else {}
+        config = str(entry.get("stage", key))
+        rest = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        own_overrides = flatten(rest) + per_stage.get(key, [])
+        init_from, teacher = entry.get("init_from"), entry.get("teacher")
+        if init_from and "/" not in str(init_from) and init_from not in earlier:
+            raise ConfigError(f"stage {key}: init_from={init_from} is not an earlier stage of {name} "
+                              f"({', '.join(earlier) or 'none'}) nor a path")
+        wiring = [f"init_from={override_value(init_from)}"] if init_from else []
+        wiring += [f"teacher={override_value(teacher)}"] if teacher else []
+        cfg = compose_stage(config, [*common, *own_overrides, *wiring])
+        if str(cfg.stage.name) != key:
+            own_overrides.append(f"stage.name={key}")
+            cfg.stage.name = key
+        if check:
+            _check_stage(key, cfg)
+        stage_run = Path(str(cfg.run.root)) / str(cfg.run.name)
+        if stage_run != run_dir:
+            raise ConfigError(f"stage {key} would write to {stage_run}, not the pipeline's run directory "
+                              f"{run_dir}: override run.root/run.name for every stage, not one")
+        stages.append(Stage(key, order, config, str(cfg.stage.recipe), own_overrides + wiring,
+                            str(init_from) if init_from else None, str(teacher) if teacher else None,
+                            entry.get("generate"), run_dir / key))
+        earlier.append(key)
+    return Plan(name, run_dir, data_root, common, stages, conf)
+
+
+def _check_stage(name: str, cfg: DictConfig) -> None:
+    from model.parallel import minimum_world_size
+    from recipes.train import check_settings, settings_from
+
+    try:
+        s = settings_from(cfg)
+        check_settings(s, s.trainer.nprocs or minimum_world_size(s.parallel), str(cfg.stage.recipe))
+    except ConfigError as e:
+        raise ConfigError(f"stage {name}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- running
+
+def stage_command(plan: Plan, stage: Stage) -> list[str]:
+    return [sys.executable, "-m", f"recipes.{stage.recipe}", f"stage={stage.config}", *plan.common,
+            *stage.overrides]
+
+
+def generate_command(plan: Plan, stage: Stage) -> list[str]:
+    """recipes.generate for the teacher data a stage trains on (resumable: rows already
+    written are skipped)."""
+    g = dict(stage.generate)
+    g.setdefault("checkpoint", stage.teacher)
+    g.setdefault("tokenizer", str(plan.data_root / "tokenizer"))
+    g.setdefault("progress", False)
+    return [sys.executable, "-m", "recipes.generate", *flatten(g), *_parallel(plan.common)]
+
+
+def _parallel(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if _key(o).split(".", 1)[0] == "parallel"]
+
+
+def eval_command(plan: Plan, stage: Stage, checkpoint: Path, budgets: list | None) -> list[str]:
+    e = plan.settings.get("eval") or {}
+    # wandb: the runner logs every stage's eval into one run of its own (run_pipeline)
+    args = {"checkpoint": str(checkpoint), "output": str(stage.stage_dir / "eval.json"),
+            "name": f"{plan.run_dir.name}/{stage.name}", "tokenizer": str(plan.data_root / "tokenizer"),
+            "progress": False, "wandb": {"mode": "disabled"}}
+    args.update({k: v for k, v in OmegaConf.to_container(e).items() if k != "enabled"})
+    if budgets:
+        args["thinking_budgets"] = list(budgets)
+    return [sys.executable, "-m", "recipes.eval", *flatten(args), *_parallel(plan.common)]
+
+
+# The environment stages start in: the runner's own, before an in-process eval set the
+# single-process rendezvous variables, which a stage would take for a launcher's.
+_LAUNCH_ENV = dict(os.environ)
+
+
+def _eval(cmd: list[str], log: Path) -> int:
+    """The eval: in this process when it needs one rank (no interpreter start, no second
+    import of torch and megatron-core per stage), otherwise as its own launch."""
+    from hydra import compose, initialize_config_dir
+
+    from model.config import ParallelConfig, from_dict
+    from model.parallel import minimum_world_size
+    from recipes import eval as evaluation
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="eval", overrides=cmd[3:])
+    par = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
+    if minimum_world_size(par) > 1 or "WORLD_SIZE" in _LAUNCH_ENV:
+        return _run(cmd, log)
+    try:
+        return evaluation.run_cli(cfg)
+    finally:   # the next eval picks a fresh rendezvous port
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            if key not in _LAUNCH_ENV:
+                os.environ.pop(key, None)
+
+
+def _run(cmd: list[str], log: Path) -> int:
+    """Run one step, its output both on the console and in the pipeline's log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=Path.cwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env={**_LAUNCH_ENV, "PYTHONPATH": f"{REPO}{os.pathsep}"
+                                                                             f"{_LAUNCH_ENV.get('PYTHONPATH', '')}"})
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        return proc.wait()
+
+
+def marker_path(plan: Plan, stage: Stage) -> Path:
+    return plan.run_dir / MARKERS / f"{stage.name}.json"
+
+
+def _source(path: str | None) -> tuple[str | None, str | None]:
+    from recipes.checkpointing import fingerprint
+
+    if not path:
+        return None, None
+    return path, fingerprint(Path(path)) if Path(path).is_dir() else None
+
+
+def finish_stage(plan: Plan, stage: Stage, started: float, budgets: list | None) -> dict:
+    """Evaluate the finished stage and write its marker (atomically, last)."""
+    from recipes.checkpointing import FINAL, fingerprint, write_atomic
+    from recipes.run_log import read_metrics
+
+    final = json.loads((stage.stage_dir / FINAL).read_text())
+    checkpoint = (stage.stage_dir / final["checkpoint"]).resolve()
+    metrics = {}
+    e = plan.settings.get("eval") or {}
+    if e.get("enabled", True):
+        code = _eval(eval_command(plan, stage, checkpoint, budgets), plan.run_dir / MARKERS / f"{stage.name}.log")
+        if code != 0:
+            raise RuntimeError(f"the eval after stage {stage.name} failed (exit {code})")
+        result = json.loads((stage.stage_dir / "eval.json").read_text())
+        metrics = result["metrics"]
+    curve = metrics.pop("budget_curve", None)
+    if curve is not None:
+        write_atomic(plan.run_dir / "budget_curve.json", json.dumps(
+            {"stage": stage.name, "checkpoint": str(checkpoint), "points": curve}, indent=2) + "\n")
+    init_from, init_fp = _source(final.get("init_from"))
+    teacher, teacher_fp = _source(final.get("teacher"))
+    steps = read_metrics(stage.stage_dir)
+    marker = {"stage": stage.name, "order": stage.order, "config": stage.config, "recipe": stage.recipe,
+              "checkpoint": str(checkpoint), "fingerprint": fingerprint(checkpoint), "step": final.get("step"),
+              "init_from": init_from, "init_fingerprint": init_fp, "teacher": teacher,
+              "teacher_fingerprint": teacher_fp, "wall_s": round(time.time() - started, 1),
+              "train_s": round(sum(r.get("step_time_s", 0.0) for r in steps.values()), 1), "eval": metrics}
+    write_atomic(marker_path(plan, stage), json.dumps(marker, indent=2, allow_nan=True) + "\n")
+    return marker
+
+
+def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
+    from recipes.checkpointing import FINAL, latest_checkpoint, resolve_init_from
+    from recipes.eval import log_to_wandb
+
+    curve = plan.settings.get("budget_curve") or {}
+    for stage in plan.stages:
+        if stage.teacher and not dry_run:
+            resolve_init_from(stage.teacher, plan.run_dir)   # a missing teacher fails now, not hours later
+    for name in ("lm_data", "problems"):
+        path = (plan.settings.get("eval") or {}).get(name)
+        if (plan.settings.get("eval") or {}).get("enabled", True) and path and not dry_run and not Path(str(path)).is_file():
+            raise ConfigError(f"eval.{name}={path} does not exist (or set eval.enabled=false)")
+    print(f"pipeline {plan.name}: {len(plan.stages)} stages into {plan.run_dir}", flush=True)
+    if not dry_run:
+        from recipes.checkpointing import write_atomic
+
+        (plan.run_dir / MARKERS).mkdir(parents=True, exist_ok=True)
+        write_atomic(plan.run_dir / MARKERS / "plan.json", json.dumps(
+            {"pipeline": plan.name, "stages": [s.name for s in plan.stages]}, indent=2) + "\n")
+    for stage in plan.stages:
+        marker = marker_path(plan, stage)
+        prefix = f"[{stage.order + 1}/{len(plan.stages)}] {stage.name}"
+        if marker.is_file():
+            print(f"{prefix}: done earlier ({marker}), skipped", flush=True)
+            continue
+        budgets = list(curve.get("budgets") or []) if curve.get("stage") == stage.name else None
+        log = plan.run_dir / MARKERS / f"{stage.name}.log"
+        if dry_run:
+            if stage.generate:
+                print("$ " + " ".join(generate_command(plan, stage)))
+            print("$ " + " ".join(stage_command(plan, stage)))
+            continue
+        started = time.time()
+        if not (stage.stage_dir / FINAL).is_file():
+            resuming = latest_checkpoint(stage.stage_dir) is not None
+            print(f"{prefix}: {'resuming from ' + str(latest_checkpoint(stage.stage_dir)) if resuming else 'starting'}",
+                  flush=True)
+            if stage.generate and not resuming:
+                code = _run(generate_command(plan, stage), log)
+                if code != 0:
+                    print(f"error: generating {stage.name}'s teacher data failed (exit {code}); re-run the same "
+                          "command to continue", file=sys.stderr)
+                    return code or 1
+            code = _run(stage_command(plan, stage), log)
+            if code != 0 or not (stage.stage_dir / FINAL).is_file():
+                print(f"error: stage {stage.name} stopped (exit {code}); re-run the same command to continue it "
+                      f"from its latest checkpoint (log: {log})", file=sys.stderr)
+                return code or 1
+        done = finish_stage(plan, stage, started, budgets)
+        log_to_wandb(_wandb_settings(plan, stage), f"{plan.run_dir.name}/pipeline", done["eval"],
+                     plan.run_dir / MARKERS, step=stage.order)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in done["eval"].items() if isinstance(v, float))
+        print(f"{prefix}: finished at step {done['step']} in {done['wall_s']:.0f} s; {shown}", flush=True)
+    print(f"pipeline {plan.name}: all stages done ({plan.run_dir / MARKERS})", flush=True)
+    return 0
+
+
+def _wandb_settings(plan: Plan, stage: Stage) -> dict:
+    cfg = compose_stage(stage.config, [*plan.common, *stage.overrides])
+    return OmegaConf.to_container(cfg.logging.wandb, resolve=True)
+
+
+def print_plan(plan: Plan) -> None:
+    """One line per job for slurm/submit_pipeline.sh, tab separated: `stage NAME CONFIG
+    override...` (the stage's complete overrides but `stage=`, which its template sets) or,
+    before a stage with teacher data to write, `generate NAME generate override...`."""
+    for stage in plan.stages:
+        if stage.generate:
+            print("\t".join(["generate", stage.name, "generate", *generate_command(plan, stage)[3:]]))
+        print("\t".join(["stage", stage.name, stage.config, *plan.common, *stage.overrides]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        name, overrides, flags = parse_args(sys.argv[1:] if argv is None else argv)
+        plan = make_plan(name, overrides, check=not flags["plan"])
+        if flags["plan"]:
+            print_plan(plan)
+            return 0
+        return run_pipeline(plan, dry_run=flags["dry_run"])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
