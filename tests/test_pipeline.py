@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,7 +125,9 @@ def mini_run(tmp_path_factory):
     second = _mini(root)
     out = second.communicate(timeout=1500)[0]
     assert second.returncode == 0, out[-6000:]
-    return root, before, out
+    yield root, before, out
+    # twelve stages' checkpoints with optimizer state: gigabytes the later tests need
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_every_stage_consumes_the_previous_stage_checkpoint(mini_run):
