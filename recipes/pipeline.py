@@ -61,6 +61,7 @@ class Stage:
     teacher: str | None = None
     generate: dict | None = None
     stage_dir: Path | None = None
+    wandb: dict = field(default_factory=dict)   # the stage's logging.wandb, for its eval
 
 
 @dataclass
@@ -236,7 +237,8 @@ def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
                               f"{run_dir}: override run.root/run.name for every stage, not one")
         stages.append(Stage(key, order, config, str(cfg.stage.recipe), own_overrides + wiring,
                             str(init_from) if init_from else None, str(teacher) if teacher else None,
-                            entry.get("generate"), run_dir / key))
+                            entry.get("generate"), run_dir / key,
+                            OmegaConf.to_container(cfg.logging.wandb, resolve=True)))
         earlier.append(key)
     return Plan(name, run_dir, data_root, common, stages, conf)
 
@@ -419,17 +421,12 @@ def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
                       f"from its latest checkpoint (log: {log})", file=sys.stderr)
                 return code or 1
         done = finish_stage(plan, stage, started, budgets)
-        log_to_wandb(_wandb_settings(plan, stage), f"{plan.run_dir.name}/pipeline", done["eval"],
+        log_to_wandb(stage.wandb, f"{plan.run_dir.name}/pipeline", done["eval"],
                      plan.run_dir / MARKERS, step=stage.order)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in done["eval"].items() if isinstance(v, float))
         print(f"{prefix}: finished at step {done['step']} in {done['wall_s']:.0f} s; {shown}", flush=True)
     print(f"pipeline {plan.name}: all stages done ({plan.run_dir / MARKERS})", flush=True)
     return 0
-
-
-def _wandb_settings(plan: Plan, stage: Stage) -> dict:
-    cfg = compose_stage(stage.config, [*plan.common, *stage.overrides])
-    return OmegaConf.to_container(cfg.logging.wandb, resolve=True)
 
 
 def print_plan(plan: Plan) -> None:

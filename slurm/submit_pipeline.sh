@@ -3,6 +3,7 @@
 #
 #   slurm/submit_pipeline.sh [--dry-run] [--from STAGE] [--to STAGE] [--after JOBID]
 #                            [sbatch options as --opt=value ...] PIPELINE [hydra overrides ...]
+#   (the options may also follow PIPELINE: slurm/submit_pipeline.sh qwen3_small --dry-run)
 #
 # PIPELINE is a name from hydra_conf/pipeline/ (qwen3_pretrain, qwen3_flagship, qwen3_small)
 # or a path to such a file (see recipes/pipeline.py, which runs the same file locally). Each
@@ -20,13 +21,15 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO/slurm/common.sh"
 
 usage() {
-    sed -n '3,5p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '3,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 die() { echo "error: $*" >&2; exit 2; }
 
-dry_run=0 from='' to='' after=''
-sbatch_opts=()
+# Options may come before or after PIPELINE (`qwen3_small --dry-run` must not submit):
+# a Hydra override never starts with a dash.
+dry_run=0 from='' to='' after='' pipeline=''
+sbatch_opts=() overrides=() staged=()
 while (($#)); do
     case $1 in
         --dry-run) dry_run=1 ;;
@@ -39,17 +42,14 @@ while (($#)); do
         -h|--help) usage ;;
         --dependency*|-d) die "the chain sets --dependency itself; use --after JOBID to wait for another job" ;;
         --*=*|-?*) sbatch_opts+=("$1") ;;
-        *) break ;;
+        *)
+            if [[ -z $pipeline ]]; then pipeline=$1
+            elif [[ $1 =~ ^[A-Za-z0-9_]+: ]]; then staged+=("$1")
+            else overrides+=("$1"); fi ;;
     esac
     shift
 done
-(($#)) || usage
-pipeline=$1
-shift
-overrides=() staged=()
-for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_]+: ]]; then staged+=("$a"); else overrides+=("$a"); fi
-done
+[[ -n $pipeline ]] || usage
 
 # The chain comes from the pipeline runner itself (python -m recipes.pipeline --plan), so a
 # local run and a SLURM chain read the pipeline file the same way: one line per job,

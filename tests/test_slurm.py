@@ -218,7 +218,8 @@ def test_every_stage_has_a_template_and_a_module():
 
 
 def test_dry_run_prints_the_chain():
-    out = subprocess.run(["bash", str(SUBMIT), "--dry-run", "--nodes=4", "qwen3_small", "model=qwen3_8b",
+    # options after the pipeline's name too, as `submit_pipeline.sh qwen3_small --dry-run` is written
+    out = subprocess.run(["bash", str(SUBMIT), "--nodes=4", "qwen3_small", "--dry-run", "model=qwen3_8b",
                           "run.root=/r", "distill_on_policy:trainer.max_steps=7"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     jobs = ["pretrain_s1", "pretrain_s2", "pretrain_s3", "generate", "distill_off_policy", "distill_on_policy"]
