@@ -25,3 +25,19 @@ def relaunch_if_needed(module: str, argv: list[str], nprocs: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nprocs}", "-m", module, *argv]
     sys.exit(subprocess.call(cmd))
+
+
+def hydra_cli(config_name: str, run_cli) -> None:
+    """`python -m` entry of a CLI configured by hydra_conf/<config_name>.yaml: exits with
+    `run_cli(cfg)`'s code."""
+    from pathlib import Path
+
+    import hydra
+
+    conf = Path(__file__).resolve().parent.parent / "hydra_conf"   # absolute: this is not the caller's module
+
+    @hydra.main(config_path=str(conf), config_name=config_name, version_base=None)
+    def entry(cfg) -> None:
+        sys.exit(run_cli(cfg))
+
+    entry()

@@ -293,13 +293,9 @@ def run_cli(cfg) -> int:
 
 
 def main() -> None:
-    import hydra
+    from model.launch import hydra_cli
 
-    @hydra.main(config_path="../hydra_conf", config_name="eval", version_base=None)
-    def entry(cfg) -> None:
-        sys.exit(run_cli(cfg))
-
-    entry()
+    hydra_cli("eval", run_cli)
 
 
 if __name__ == "__main__":

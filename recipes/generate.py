@@ -501,13 +501,9 @@ def run_cli(cfg) -> int:
 
 
 def main() -> None:
-    import hydra
+    from model.launch import hydra_cli
 
-    @hydra.main(config_path="../hydra_conf", config_name="generate", version_base=None)
-    def entry(cfg) -> None:
-        sys.exit(run_cli(cfg))
-
-    entry()
+    hydra_cli("generate", run_cli)
 
 
 if __name__ == "__main__":

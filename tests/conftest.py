@@ -55,6 +55,14 @@ def torchrun(script: str, *args, nprocs: int = 2, timeout: int = 900) -> subproc
                 f"--nproc-per-node={nprocs}", str(REPO / script), *map(str, args)], timeout=timeout)
 
 
+def cli_error(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a stage command stopped with before launching (exit code 2)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
 def config_error(cmd: list) -> str:
     """The one-line ConfigError a stage command (`python -m recipes.<recipe> overrides...`)
     stops with before launching anything, checked in this process: the same config
