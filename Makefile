@@ -12,11 +12,16 @@ $(VENV)/.installed: requirements.txt requirements-common.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-# Default suite: everything but `slow` and `gpu` tests (see pyproject.toml).
+# Default suite: everything but `slow` and `gpu` tests (see pyproject.toml), one test file
+# per worker at a time; most of its tests run one single-threaded process, so one worker per core.
+# TEST_WORKERS=0 runs everything in this process (e.g. to debug with -s).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: setup
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q $(XDIST) --durations=20 tests
 
-# Only the slower checks.
+# Only the slower checks, in one process: several are 4-rank launches or SLURM time-limit
+# checks, which a second worker beside them would only slow down.
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 

@@ -7,10 +7,12 @@ over TP. Every rank must call it with the same tokens.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, gather_from_tensor_model_parallel_region
 
 from model.packing import attention_inputs, segment_positions
 from model.parallel import te_available
@@ -23,6 +25,61 @@ def model_device(chunks) -> torch.device:
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     b, s = tokens.shape
     return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+
+
+@contextmanager
+def logits_at(model, mask: torch.Tensor):
+    """Within it, `model` (a GPTModel, wrapped or not, called without labels) projects only
+    the positions where `mask` [batch, seq] is true onto the vocabulary. Yields
+    `picked(output)`: on the last pipeline stage, vocab-parallel logits [n, vocab / tp] in
+    the order of `x[mask]`; elsewhere the output (hidden states for the next stage) as is.
+
+    Why: at Qwen3's 151,936-row vocabulary the output layer, and the softmax-sized work
+    after it, are most of a small model's step, and SFT, RL, distillation and scoring use
+    logits at response tokens only. A row's logits do not depend on the other rows, so
+    this changes only how much is computed.
+
+    How: a pre-hook on megatron-core's output layer hands it the selected hidden states as
+    a sequence of n positions and one row. Under sequence parallelism they are first
+    gathered over TP and the layer runs without its own gather for that call, as
+    megatron-core does for last-token logits in inference; the gather's gradient is split
+    back (not reduce-scattered), since the layer then all-reduces its input gradient
+    itself. With context parallelism each rank holds part of the sequence, so the mask
+    does not describe its positions: all positions are projected and then selected.
+    """
+    from megatron.core.utils import get_attr_wrapped_model
+
+    inner = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
+    if not inner.post_process:
+        yield lambda output: output
+        return
+    if parallel_state.get_context_parallel_world_size() > 1:
+        yield lambda logits: logits[mask]
+        return
+    layer, gathered = inner.output_layer, []
+
+    def select(module, args, kwargs):
+        hidden = args[0]   # [seq (/ tp under SP), batch, hidden]
+        if module.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
+                                                          group=getattr(module, "tp_group", None))
+            module.sequence_parallel = False
+            gathered.append(True)
+        return (hidden.transpose(0, 1)[mask].unsqueeze(1), *args[1:]), kwargs
+
+    def restore(module, args, kwargs, output):
+        if gathered:
+            module.sequence_parallel = True
+            gathered.clear()
+
+    hooks = [layer.register_forward_pre_hook(select, with_kwargs=True),
+             layer.register_forward_hook(restore, with_kwargs=True)]
+    try:
+        yield lambda logits: logits[0]   # GPTModel returns [1, n, vocab / tp]
+    finally:
+        for h in hooks:
+            h.remove()
+        restore(layer, (), {}, None)   # if the forward failed in between
 
 
 @torch.no_grad()
@@ -57,8 +114,8 @@ def forward_masked(chunks, tokens: torch.Tensor, mask: torch.Tensor, fn) -> torc
     last-pipeline-stage ranks; None on the others. `rows` is the slice of `tokens` the
     micro-batch holds and `row mask` its part of `mask`, for indexing per-token inputs.
 
-    Only the masked positions reach the softmax-sized work in `fn`: at Qwen3's 151,936
-    vocabulary rows that is most of a scoring pass's cost."""
+    Only the masked positions reach the output layer and the softmax-sized work in `fn`
+    (see `logits_at`)."""
     device = model_device(chunks)
     mask = mask.to(device).bool()
     # forward_only feeds the whole batch at once, or one row at a time with several chunks (VPP)
@@ -67,35 +124,45 @@ def forward_masked(chunks, tokens: torch.Tensor, mask: torch.Tensor, fn) -> torc
 
     def collect(logits):
         rows, m = next(parts)
-        values = fn(logits[m], rows, m)
+        values = fn(logits, rows, m)
         out = torch.zeros(*m.shape, *values.shape[1:], dtype=values.dtype, device=values.device)
         out[m] = values
         return out
 
-    outputs = forward_only(chunks, tokens, None, collect)
+    outputs = forward_only(chunks, tokens, None, collect, mask=mask)
     return None if outputs is None else torch.cat(outputs, dim=0)
 
 
-def forward_only(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | None, collect) -> list | None:
+def forward_only(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | None, collect,
+                 mask: torch.Tensor | None = None) -> list | None:
     """megatron-core's pipeline schedule in forward-only mode: `collect(vocab-parallel
-    logits)` per micro-batch, in order, on last-pipeline-stage ranks; None on the others."""
+    logits)` per micro-batch, in order, on last-pipeline-stage ranks; None on the others.
+    The logits are [batch, seq, vocab / tp], or with `mask` [batch, seq] those at its
+    positions only, [n, vocab / tp] (`logits_at`)."""
     for c in chunks:
         c.eval()
     device = model_device(chunks)
     tokens = tokens.to(device)
     segments = segment_ids.to(device) if segment_ids is not None else torch.zeros_like(tokens)
     # The interleaved (VPP) schedule needs a multiple of pp micro-batches: feed one sequence each.
-    pairs = list(zip(tokens.split(1), segments.split(1))) if len(chunks) > 1 else [(tokens, segments)]
+    pick = mask is not None
+    masks = mask.to(device).bool() if pick else torch.ones_like(tokens, dtype=torch.bool)
+    pairs = list(zip(tokens.split(1), segments.split(1), masks.split(1))) if len(chunks) > 1 \
+        else [(tokens, segments, masks)]
     microbatches = [p[0] for p in pairs]
 
     def forward_step(data_iterator, model):
-        batch, seg = next(data_iterator)
+        batch, seg, where = next(data_iterator)
         if segment_ids is None:
-            mask, packed, positions = None, None, position_ids_for(batch)
+            attention, packed, positions = None, None, position_ids_for(batch)
         else:
-            mask, packed = attention_inputs(seg, use_te=te_available())
+            attention, packed = attention_inputs(seg, use_te=te_available())
             positions = segment_positions(seg)
-        output = model(batch, positions, attention_mask=mask, packed_seq_params=packed)
+        if not pick:
+            output = model(batch, positions, attention_mask=attention, packed_seq_params=packed)
+        else:
+            with logits_at(model, where) as picked:
+                output = picked(model(batch, positions, attention_mask=attention, packed_seq_params=packed))
 
         def collect_output(output_tensor, non_loss_data=False):
             return collect(output_tensor)

@@ -193,6 +193,7 @@ class DeepSpeedEngine(MoEMetrics):
     zero_stage: int
     loss_fn: Callable = None
     report_keys: tuple = ("lm loss",)         # as Engine.report_keys
+    loss_positions_only: bool = False         # as Engine.loss_positions_only
     steps: int = 0
     _load_ratio: torch.Tensor | None = None   # MoE: set after each step's backward passes
 
@@ -225,7 +226,7 @@ class DeepSpeedEngine(MoEMetrics):
             MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / len(microbatches))
         reports = []
         for micro in microbatches:
-            batch, per_token = forward_per_token(self.ds, micro)
+            batch, per_token = forward_per_token(self.ds, micro, self.loss_positions_only)
             loss_sum, num_tokens, report = self.loss_fn(batch, per_token)
             self.ds.backward(loss_sum / num_tokens.clamp(min=1))
             reports.append(report)

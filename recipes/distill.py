@@ -274,8 +274,8 @@ class DistillTask(GRPOTask):
 
         mask = batch["loss_mask"].float()
         where = mask.bool()
-        # only the loss positions reach the vocabulary-sized softmax
-        loss, ce, div = per_token(logits[where], batch["targets"][where], batch["teacher_logp"][where],
+        # logits: at the loss positions only (Task.loss_positions_only)
+        loss, ce, div = per_token(logits, batch["targets"][where], batch["teacher_logp"][where],
                                   batch["teacher_ids"][where], self.c, len(self.tokenizer))
         numerator, tokens = loss.sum(), mask.sum()
         report = {"distill/kl": torch.stack([div.sum(), tokens]), "distill/ce": torch.stack([ce.sum(), tokens])}
@@ -470,6 +470,7 @@ class Distill:
                            score_online=phase == "off_policy" and not on_disk,
                            eval_temperature=float(e.get("temperature", 0.0)))
         return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step, report_keys=REPORT_KEYS,
+                    loss_positions_only=True,
                     state=work.state, summarize=lambda _: counts,
                     tokens_per_step=s.trainer.global_batch_size * s.trainer.seq_length,
                     sources={"teacher": source.resolve()} if source is not None else {})

@@ -20,10 +20,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+from megatron.core.utils import get_attr_wrapped_model
 
 from model.builder import build_model
 from model.config import ConfigError, ModelConfig, ParallelConfig
-from model.inference import position_ids_for
+from model.inference import logits_at, position_ids_for
 from model.packing import attention_inputs
 from model.parallel import te_available
 
@@ -79,9 +80,11 @@ def lm_batch(tokens: torch.Tensor) -> dict:
             "position_ids": position_ids_for(inputs)}
 
 
-def forward_per_token(model, batch: dict) -> tuple[dict, torch.Tensor]:
+def forward_per_token(model, batch: dict, loss_positions_only: bool = False) -> tuple[dict, torch.Tensor]:
     """(the batch on the model's device, per-token LM loss [b, s]) for one micro-batch;
-    a batch without `labels` (RL) gets the vocab-parallel logits [b, s, vocab / tp] instead.
+    a batch without `labels` (RL, distillation) gets vocab-parallel logits instead:
+    [b, s, vocab / tp], or with `loss_positions_only` those at its `loss_mask` positions,
+    [n, vocab / tp] (model.inference.logits_at; the per-token loss is then 0 off the mask).
 
     Shared by both training engines, so that they see the same model inputs.
     """
@@ -89,9 +92,18 @@ def forward_per_token(model, batch: dict) -> tuple[dict, torch.Tensor]:
     batch = {k: v.to(device) for k, v in batch.items()}
     # Packed rows (SFT) keep their documents apart; plain rows are causal over the row.
     mask, packed = attention_inputs(batch.get("segment_ids"), use_te=te_available())
-    per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch.get("labels"),
-                      packed_seq_params=packed)
-    return batch, per_token
+    inputs = (batch["tokens"], batch["position_ids"], mask)
+    if not loss_positions_only:
+        return batch, model(*inputs, labels=batch.get("labels"), packed_seq_params=packed)
+    where = batch["loss_mask"].bool()
+    with logits_at(model, where) as picked:
+        output = picked(model(*inputs, packed_seq_params=packed))
+    gpt = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
+    if "labels" not in batch or not gpt.post_process:
+        return batch, output
+    # megatron-core's own loss ([s, b] layout: the n positions as one row), then back to [b, s]
+    loss = gpt.compute_language_model_loss(batch["labels"][where].unsqueeze(0), output.unsqueeze(1))
+    return batch, torch.zeros(where.shape, dtype=loss.dtype, device=device).masked_scatter(where, loss[0])
 
 
 def masked_lm_loss(batch: dict, per_token_loss: torch.Tensor):
@@ -148,11 +160,13 @@ class Engine(MoEMetrics):
     # Entries of loss_fn's report, each [sum, count], averaged over the global batch and
     # logged under their own name ("lm loss" is logged as "loss").
     report_keys: tuple = ("lm loss",)
+    # the output layer at loss_mask positions only (forward_per_token), set from the Task
+    loss_positions_only: bool = False
     steps: int = 0
     _load_ratio: torch.Tensor | None = None   # set by finalize_grads for the MoE metric
 
     def _forward_step(self, data_iterator, model):
-        batch, per_token = forward_per_token(model, next(data_iterator))
+        batch, per_token = forward_per_token(model, next(data_iterator), self.loss_positions_only)
         return per_token, lambda output: self.loss_fn(batch, output)
 
     def train_step(self, microbatches: list[dict]) -> dict:

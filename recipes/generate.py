@@ -140,9 +140,10 @@ class _Recompute:
         # sequence parallelism splits the sequence over TP ranks: pad to a multiple of TP;
         # with causal attention the padding after position cur-1 changes nothing before it
         width = -(-cur // self.tp) * self.tp
-        # only the last position's logits are gathered and kept (not [batch, width, vocab])
-        out = forward_only(self.chunks, tokens[:, :width], None,
-                           lambda logits: gather_from_tensor_model_parallel_region(logits[:, cur - 1]))
+        # only the last position is projected onto the vocabulary and gathered
+        last = torch.zeros(len(tokens), width, dtype=torch.bool)
+        last[:, cur - 1] = True
+        out = forward_only(self.chunks, tokens[:, :width], None, gather_from_tensor_model_parallel_region, mask=last)
         return None if out is None else torch.cat(out, dim=0)
 
 

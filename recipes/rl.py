@@ -322,11 +322,10 @@ class GRPOTask:
 
         g = self.g
         mask = batch["loss_mask"].float()
-        # Only response tokens carry loss: the softmax over the vocabulary (the costly part
-        # at Qwen3's 151,936 rows) runs on those positions alone.
+        # logits: at the response tokens only (Task.loss_positions_only), which alone carry loss
         where = mask.bool()
         logp, entropy = (torch.zeros_like(mask).masked_scatter(where, x) for x in target_logprobs_and_entropy(
-            logits[where], batch["targets"][where], g.temperature, len(self.tokenizer)))
+            logits, batch["targets"][where], g.temperature, len(self.tokenizer)))
         # Off the response the stored log-probs are not used; zero them so that no
         # exp() of a padding position's log-prob can overflow into inf * 0 = nan.
         old, rollout = (torch.where(where, batch[k], 0.0) for k in ("old_logp", "rollout_logp"))
@@ -457,7 +456,7 @@ class RL:
         work = GRPOTask(cfg, s, engine, g, prompts, tokenizer, reference, held, int(e.get("samples", 1)),
                         int(e.get("interval", 0)))
         counts = {"data/skipped_rows": float(sum(skipped.values())), "data/prompts": float(len(prompts))}
-        return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step,
+        return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step, loss_positions_only=True,
                     report_keys=REPORT_KEYS, state=work.state, summarize=lambda _: counts,
                     tokens_per_step=s.trainer.global_batch_size * s.trainer.seq_length)
 

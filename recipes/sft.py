@@ -77,6 +77,7 @@ class SFT:
             parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
         efficiency = float(data.stats["packing_efficiency"])
         return Task(batches=batches, summarize=lambda counts: {"data/packing_efficiency": efficiency},
+                    loss_positions_only=True,
                     tokens_per_step=t.global_batch_size * t.seq_length)
 
 

@@ -82,6 +82,10 @@ class Task:
     after_step: Callable[[dict], dict] | None = None
     # loss_fn report entries ([sum, count]) to average and log besides "lm loss"
     report_keys: tuple = ()
+    # Project onto the vocabulary only where loss_mask is set (SFT, RL, distillation: the
+    # response tokens); loss_fn then gets logits [n, vocab / tp] for those positions, or
+    # per-token losses that are 0 elsewhere (recipes.engine.forward_per_token).
+    loss_positions_only: bool = False
     # the stage's own state (RL: prompt cursor, entropy coefficient): saved in every
     # checkpoint and restored on resume, so it must stay picklable
     state: dict = field(default_factory=dict)
@@ -346,6 +350,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     if task.loss_fn is not None:
         engine.loss_fn = task.loss_fn
     engine.report_keys = ("lm loss", *task.report_keys)
+    engine.loss_positions_only = task.loss_positions_only
     task.state.update(state.get("task", {}))
     state.setdefault("sources", {}).update({k: str(v) for k, v in task.sources.items()})
     state["task"] = task.state

@@ -4,6 +4,10 @@ The reference models are HF transformers' own Qwen3ForCausalLM / Qwen3MoeForCaus
 with random weights (no hub download). Multi-process checks run real megatron-core
 under torchrun with gloo; each launch costs several seconds of interpreter start, so
 workers loop over layouts inside one launch.
+
+`make test` runs the files in two pytest-xdist workers (`--dist loadfile`: a file's
+module fixtures stay in one worker). The session fixtures below are built once for the
+whole run through `built_once`, whichever worker asks first.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_VOCAB = 2048  # small vocabulary keeps the HF references fast; tiny's own is 151,936
@@ -29,6 +34,21 @@ def _env() -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(directory)`'s result, computed once per test session: under pytest-xdist the
+    first worker that asks builds it under a file lock and the others wait and reuse it
+    (the arithmetic cold start alone is minutes of CPU). `build` returns a path."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base   # workers: <session>/popen-gwN
+    record = shared / f"{name}.built"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not record.exists():
+            directory = shared / name
+            directory.mkdir(exist_ok=True)
+            record.write_text(str(build(directory)))
+    return Path(record.read_text())
 
 
 def run(cmd: list[str], timeout: int = 600, check: bool = True, threads: int | None = None
@@ -128,20 +148,25 @@ HF_VARIANTS = {
 
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    return {name: make_hf_model(root / name, model, dtype, **over)
-            for name, (model, dtype, over) in HF_VARIANTS.items()}
+    def build(root):
+        for name, (model, dtype, over) in HF_VARIANTS.items():
+            make_hf_model(root / name, model, dtype, **over)
+        return root
+
+    root = built_once(tmp_path_factory, "hf", build)
+    return {name: root / name for name in HF_VARIANTS}
 
 
 @pytest.fixture(scope="session")
 def converted(hf_dirs, tmp_path_factory) -> dict[str, Path]:
     """Each HF variant converted by the CLI at TP=PP=EP=1."""
-    root = tmp_path_factory.mktemp("mcore")
-    out = {}
-    for name, hf in hf_dirs.items():
-        out[name] = root / name
-        python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", out[name])
-    return out
+    def build(root):
+        for name, hf in hf_dirs.items():
+            python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / name)
+        return root
+
+    root = built_once(tmp_path_factory, "mcore", build)
+    return {name: root / name for name in hf_dirs}
 
 
 def read_json(path: Path) -> dict:
@@ -153,7 +178,7 @@ def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
     """The Qwen3 tokenizer, built from the packaged ranks and saved once per session."""
     from data_pipeline.tokenizer import save_qwen3_tokenizer
 
-    return save_qwen3_tokenizer(tmp_path_factory.mktemp("tokenizer") / "qwen3")
+    return built_once(tmp_path_factory, "tokenizer", lambda root: save_qwen3_tokenizer(root / "qwen3"))
 
 
 @pytest.fixture(scope="session")
@@ -164,13 +189,15 @@ def pretrain_data(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     from data_pipeline.corpus import write_corpus
     from data_pipeline.preprocess import preprocess
 
-    root = tmp_path_factory.mktemp("pretrain_data")
-    files = write_corpus(root / "corpus", seed=0, scale=1)
-    for name in ("general", "code", "math"):
-        preprocess([files[name]], root / name, qwen3_tokenizer_dir, progress=False)
-    preprocess([files["long"]], root / "long", qwen3_tokenizer_dir, length_buckets=[64, 128, 256],
-               progress=False)
-    return root
+    def build(root):
+        files = write_corpus(root / "corpus", seed=0, scale=1)
+        for name in ("general", "code", "math"):
+            preprocess([files[name]], root / name, qwen3_tokenizer_dir, progress=False)
+        preprocess([files["long"]], root / "long", qwen3_tokenizer_dir, length_buckets=[64, 128, 256],
+                   progress=False)
+        return root
+
+    return built_once(tmp_path_factory, "pretrain_data", build)
 
 
 def pretrain_command(run_root: Path, data_root: Path, *overrides, nprocs: int | None = None) -> list[str]:
@@ -214,15 +241,18 @@ def write_jsonl(path, rows) -> None:
 def arith_task(tmp_path_factory, qwen3_tokenizer_dir):
     from data_pipeline.corpus import addition_problems
 
-    root = tmp_path_factory.mktemp("sft")
-    train = addition_problems(TRAIN_PROBLEMS, 2, seed=0, with_carries=False)
-    held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=False)
-    write_jsonl(root / "train.jsonl", train)
-    write_jsonl(root / "held.jsonl", held)
-    hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0,
-                       tie_word_embeddings=False)
-    python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / "base")
-    return root
+    def build(root):
+        train = addition_problems(TRAIN_PROBLEMS, 2, seed=0, with_carries=False)
+        held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=False)
+        write_jsonl(root / "train.jsonl", train)
+        write_jsonl(root / "held.jsonl", held)
+        hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0,
+                           tie_word_embeddings=False)
+        python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / "base")
+        return root
+
+    # Shared by the SFT, RL and distillation tests, each writing under its own names.
+    return built_once(tmp_path_factory, "arith", build)
 
 
 def arith_sft_command(task, tokenizer, *overrides) -> list:
@@ -249,12 +279,27 @@ def evaluate(task, tokenizer, checkpoint, name, held: str = "held.jsonl", max_ne
 
 
 @pytest.fixture(scope="session")
-def arith_cold_start(arith_task, qwen3_tokenizer_dir):
-    """Cold-start SFT of the arithmetic task: tests/test_sft.py checks what it learned, and
-    tests/test_rl.py starts its own SFT + RL from it (a model that knows the chat format)."""
+def arith_cold_start(arith_task, qwen3_tokenizer_dir, tmp_path_factory):
+    """Cold-start SFT of the arithmetic task: tests/test_sft.py checks what it learned,
+    tests/test_rl.py starts its own SFT + RL from it (a model that knows the chat format),
+    and tests/test_distill.py uses it as the teacher."""
     task = arith_task
     # One thread, as the RL learning test that starts from this model was measured with: two
     # threads are 1.6x faster here, but change the float sums, and with them RL's trajectory.
-    arith_sft(task, qwen3_tokenizer_dir, "stage=sft_cold_start", f"init_from={task / 'base'}",
-              f"sft.data.files=[{task / 'train.jsonl'}]")
-    return task / "runs" / "arith" / "sft_cold_start"
+    def build(_):
+        arith_sft(task, qwen3_tokenizer_dir, "stage=sft_cold_start", f"init_from={task / 'base'}",
+                  f"sft.data.files=[{task / 'train.jsonl'}]")
+        return task / "runs" / "arith" / "sft_cold_start"
+
+    return built_once(tmp_path_factory, "arith_cold_start", build)
+
+
+# The files that take minutes go to the two workers first, so that neither is left with
+# one of them at the end (`make test` keeps this order: --no-loadscope-reorder). RL and
+# distillation both wait for the arithmetic cold start, which the first of them builds.
+LONG_FILES_FIRST = ("test_rl.py", "test_pipeline.py", "test_resume.py", "test_distill.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files stay whole

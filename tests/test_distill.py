@@ -2,22 +2,20 @@
 arithmetic teacher, off-policy then on-policy.
 
 The teacher is the arithmetic cold-start model (tests/conftest.py: `tiny`, 4 layers,
-hidden 128, trained by SFT on two-digit addition with its column sums as the reasoning).
-The student is half as deep and half as wide (2 layers, hidden 64), starts from random
-weights and has never seen the task. The teacher answers the training prompts in both
-thinking modes with its top-16 log-probs per token (recipes.generate); the student learns
-those off-policy, then samples its own answers, which the teacher scores token by token
-(reverse KL). The stage's held-out evaluation (40 problems in no training set, greedy, one
-seed) measures the student's accuracy and its per-token KL to the teacher before the first
-off-policy update and after the last on-policy one.
+hidden 128, untied embeddings, trained by SFT on two-digit addition with its column sums
+as the reasoning). The student has half its layers (2) and narrower attention heads,
+starts from random weights and has never seen the task. The teacher answers 400 training
+prompts in thinking mode with its top-16 log-probs per token (recipes.generate); the
+student learns those off-policy (120 steps of 16 responses), then samples its own answers,
+which the teacher scores token by token (reverse KL, 8 steps). The stage's held-out
+evaluation (40 problems in no training set, greedy, one seed) measures the student's
+accuracy and its per-token KL to the teacher before the first off-policy update, after
+the last one, and after the last on-policy one.
 
-What it shows, measured (80 off-policy steps of 16 responses, then 8 on-policy steps):
-held-out KL to the teacher 5.01 -> 1.23 -> 1.04 nats per token; teacher accuracy 0.85.
-What it does not show yet: the student's held-out accuracy only reached 0.10 after the
-off-policy phase (0.05 after on-policy), no better than the best constant answer (4/40),
-so it is not asserted. At ~3.5 s per student step on this CPU (the 151,936-row output
-layer at every position dominates), the few hundred steps the task needs do not fit, and
-the test is `slow` (about 8 minutes).
+Measured (fresh clone, two test workers): teacher accuracy 0.85; student accuracy
+0 -> 0.75 -> 0.675, held-out KL 5.41 -> 0.064 -> 0.060 nats per token. The on-policy
+phase does not add accuracy at this scale: 8 steps of 16 samples are noisy, and at a
+higher learning rate (3e-4, 1e-3) the same phase cost accuracy (0.55, 0.525).
 
 The other tests check the loss against plain torch at TP=2, the teacher-generation resume
 after a kill, and the configurations that must fail before launch.
@@ -35,7 +33,11 @@ import pytest
 from recipes.run_log import read_metrics
 from tests.conftest import cli_error, config_error, python_module, run, torchrun, write_jsonl
 
-STUDENT = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=192", "model.kv_channels=32"]
+# Half the teacher's depth. Untied embeddings, like the teacher: with them tied, the
+# 151,936-row table that is also the output layer kept students of every size tried on
+# the loss plateau where only the format is learnt (0.85 nats per token after 120 steps).
+STUDENT = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384", "model.kv_channels=32",
+           "model.tie_word_embeddings=false"]
 
 
 # ---------------------------------------------------------------- the loss against plain torch
@@ -156,7 +158,7 @@ def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_di
 
 # ---------------------------------------------------------------- the learning test
 
-TEACHER_PROMPTS, OFF_STEPS, ON_STEPS = 400, 80, 8
+TEACHER_PROMPTS, OFF_STEPS, ON_STEPS = 400, 120, 8
 LEARN = [*STUDENT, "distill.rollout.modes=[think]", "optim.warmup_steps=5", "trainer.log_interval=10"]
 
 
@@ -185,20 +187,19 @@ def teacher_data(arith_task, arith_cold_start, qwen3_tokenizer_dir):
     return root
 
 
-@pytest.mark.slow
-def test_student_moves_toward_the_teacher(teacher_data, arith_cold_start, qwen3_tokenizer_dir):
+def test_student_learns_the_task_from_the_teacher(teacher_data, arith_cold_start, qwen3_tokenizer_dir):
     root = teacher_data
     common = [f"teacher={arith_cold_start}", f"distill.eval.files=[{root / 'held.jsonl'}]", "distill.eval.interval=0",
               "run.name=student", *LEARN]
     off = distill(root, qwen3_tokenizer_dir, "stage=distill_off_policy", "stage.init_from=null",
                   f"distill.data.files=[{root / 'teacher.jsonl'}]", f"trainer.max_steps={OFF_STEPS}",
-                  f"trainer.save_interval={OFF_STEPS}", "optim.lr=1e-2", "optim.min_lr=1e-3", *common)
+                  f"trainer.save_interval={OFF_STEPS}", "optim.lr=3e-3", "optim.min_lr=1e-3", *common)
     output = off.stdout + off.stderr
     assert (f"teacher data: {TEACHER_PROMPTS} responses, top-16 log-probs at temperature 1; skipped 2 rows "
             "(unreadable row or no token ids: 2)") in output
     on = distill(root, qwen3_tokenizer_dir, "stage=distill_on_policy", f"distill.data.files=[{root / 'prompts.jsonl'}]",
-                 f"trainer.max_steps={ON_STEPS}", f"trainer.save_interval={ON_STEPS}", "optim.lr=1e-3",
-                 "optim.min_lr=1e-3", *common)
+                 f"trainer.max_steps={ON_STEPS}", f"trainer.save_interval={ON_STEPS}", "optim.lr=1e-4",
+                 "optim.min_lr=1e-4", *common)
     assert "initialised distill_on_policy from" in on.stdout + on.stderr
     runs = root / "runs" / "student"
     first = read_metrics(runs / "distill_off_policy")
@@ -218,6 +219,11 @@ def test_student_moves_toward_the_teacher(teacher_data, arith_cold_start, qwen3_
     (root / "distill_curve.json").write_text(json.dumps(curve))
     print(f"held-out (before, after off-policy, after on-policy): {curve}")
     assert curve["teacher_accuracy"] >= 0.7   # the teacher knows the task ...
-    assert before["distill/eval_accuracy_think"] == 0   # ... the student does not
-    assert curve["kl"][1] <= 0.5 * curve["kl"][0]   # off-policy: measured 5.01 -> 1.23
-    assert curve["kl"][2] < curve["kl"][1]   # on-policy, on the student's own samples: -> 1.04
+    assert curve["accuracy"][0] == 0   # ... the student does not
+    # The best constant answer scores 0.1 on these 40 problems: 0.3 is three times that.
+    # Measured: 0 -> 0.75 after off-policy -> 0.675 after on-policy.
+    assert curve["accuracy"][1] >= 0.3 and curve["accuracy"][2] >= 0.3
+    # Measured: 5.41 -> 0.064 -> 0.060 nats per token.
+    assert curve["kl"][1] <= 0.1 * curve["kl"][0] and curve["kl"][2] <= 0.1 * curve["kl"][0]
+    # The on-policy phase keeps what the off-policy one reached (at lr 1e-3 it did not: 0.096).
+    assert curve["kl"][2] <= 1.5 * curve["kl"][1]

@@ -99,7 +99,8 @@ def check_objective(rank: int) -> dict:
         for k, batch in enumerate(micro):
             rows = slice(2 * k, 2 * k + 2)
             local = logits[rows][..., rank * V // 2:(rank + 1) * V // 2]
-            loss, num_tokens, _ = task.loss(batch, local)
+            # the engine hands the loss the logits at the loss positions only (logits_at)
+            loss, num_tokens, _ = task.loss(batch, local[batch["loss_mask"].bool()])
             total += (loss / num_tokens.clamp(min=1) / len(micro)).item()   # megatron-core's scaling
         out[mode] = [total, reference_objective(logits, t, cfg, mode)]
     return out

@@ -6,6 +6,8 @@ For each model it first builds `tiny`/`tiny_moe` at the reference layout (TP=1, 
 saves it with `model.checkpoint.save_model`, then for every layout and with the
 distributed optimizer off and on: loads that checkpoint, runs two optimizer steps on the
 same global batch through `recipes.engine.Engine.train_step`, and records the metrics.
+For `tiny` it then trains on a partly masked batch with the output layer at the loss
+positions only, at the layouts in PICKED, against the full projection at the reference.
 It also checks that weights replicated across TP ranks (RMSNorm and QK-norm weights)
 are still identical after the update: if their gradients were not reduced over TP
 (Megatron-LM #816 for QK-norm), the replicas drift apart.
@@ -27,6 +29,27 @@ from tests.workers.layouts import LAYOUTS  # noqa: E402
 
 GLOBAL_BATCH, SEQ = 4, 32
 PLAN = {"tiny": ["tp1", "tp2", "pp2", "pp2vpp2"], "tiny_moe": ["tp1", "tp2", "pp2", "ep2", "tp2ep2"]}
+# Layouts that also train `tiny` on a partly masked batch with the output layer at the
+# loss positions only (Engine.loss_positions_only), against the full projection at tp1:
+# TP with sequence parallelism (the gather before the selection) and interleaved PP.
+PICKED = ["tp1", "tp2", "pp2vpp2"]
+
+
+def masked(batch: list) -> list:
+    """The batch with loss on some positions only, as in SFT: a prompt-like prefix off,
+    a scattered pattern, one row with a single loss position and one with none."""
+    g = torch.Generator().manual_seed(99)
+    out = []
+    for i, b in enumerate(batch):
+        m = (torch.rand(b["loss_mask"].shape, generator=g) < 0.6).float()
+        m[:, :SEQ // 3] = 0
+        if i == 1:
+            m[:] = 0
+            m[:, -1] = 1
+        if i == 2:
+            m[:] = 0
+        out.append({**b, "loss_mask": m})
+    return out
 
 
 def global_batch(vocab: int):
@@ -82,6 +105,17 @@ def main():
                 key = f"{name}/{layout}/{'distopt' if dist_opt else 'plain'}"
                 results[key] = {"steps": steps, "tp_drift": tp_replica_drift(engine.chunks)}
                 reset_model_parallel()
+        if name != "tiny" or args.plan:
+            continue
+        for layout, picked in [("tp1", False), *((layout, True) for layout in PICKED)]:
+            init_distributed(LAYOUTS[layout], seed=7, model=cfg)
+            engine = build_engine(cfg, LAYOUTS[layout], OptimConfig(lr=1e-3, use_distributed_optimizer=False),
+                                  init=lambda chunks: load_model(chunks, ckpt))
+            engine.loss_positions_only = picked
+            mine = split_for_data_parallel(masked(batch))
+            key = f"{name}/{layout}/{'picked' if picked else 'masked'}"
+            results[key] = {"steps": [engine.train_step(mine) for _ in range(2)]}
+            reset_model_parallel()
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     destroy_distributed()
