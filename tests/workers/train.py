@@ -95,27 +95,26 @@ def main():
         save_model(build_model(cfg, LAYOUTS["tp1"]), ckpt, cfg)
         reset_model_parallel()
         batch = global_batch(cfg.vocab_size)
+
+        def two_steps(layout, rows, dist_opt=False, picked=False) -> dict:
+            """Two optimizer steps from the saved checkpoint at `layout`, on this rank's share of `rows`."""
+            init_distributed(LAYOUTS[layout], seed=7, model=cfg)
+            engine = build_engine(cfg, LAYOUTS[layout], OptimConfig(lr=1e-3, use_distributed_optimizer=dist_opt),
+                                  init=lambda chunks: load_model(chunks, ckpt))
+            engine.loss_positions_only = picked
+            mine = split_for_data_parallel(rows)
+            out = {"steps": [engine.train_step(mine) for _ in range(2)], "tp_drift": tp_replica_drift(engine.chunks)}
+            reset_model_parallel()
+            return out
+
         for layout in layouts:
             for dist_opt in (False, True):
-                init_distributed(LAYOUTS[layout], seed=7, model=cfg)
-                engine = build_engine(cfg, LAYOUTS[layout], OptimConfig(lr=1e-3, use_distributed_optimizer=dist_opt),
-                                      init=lambda chunks: load_model(chunks, ckpt))
-                mine = split_for_data_parallel(batch)
-                steps = [engine.train_step(mine) for _ in range(2)]
-                key = f"{name}/{layout}/{'distopt' if dist_opt else 'plain'}"
-                results[key] = {"steps": steps, "tp_drift": tp_replica_drift(engine.chunks)}
-                reset_model_parallel()
+                results[f"{name}/{layout}/{'distopt' if dist_opt else 'plain'}"] = two_steps(layout, batch, dist_opt)
         if name != "tiny" or args.plan:
             continue
         for layout, picked in [("tp1", False), *((layout, True) for layout in PICKED)]:
-            init_distributed(LAYOUTS[layout], seed=7, model=cfg)
-            engine = build_engine(cfg, LAYOUTS[layout], OptimConfig(lr=1e-3, use_distributed_optimizer=False),
-                                  init=lambda chunks: load_model(chunks, ckpt))
-            engine.loss_positions_only = picked
-            mine = split_for_data_parallel(masked(batch))
-            key = f"{name}/{layout}/{'picked' if picked else 'masked'}"
-            results[key] = {"steps": [engine.train_step(mine) for _ in range(2)]}
-            reset_model_parallel()
+            results[f"{name}/{layout}/{'picked' if picked else 'masked'}"] = two_steps(layout, masked(batch),
+                                                                                        picked=picked)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     destroy_distributed()
