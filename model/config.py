@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +38,9 @@ class ModelConfig:
     num_query_groups: int = 2
     # Qwen3 decouples head_dim from hidden/heads (128 for every published size).
     kv_channels: int = 16
-    vocab_size: int = 256
+    # None: the training tokenizer's size, padded (padded_vocab_size); settings_from fills it
+    # in before the model is built. The published sizes keep HF's 151,936.
+    vocab_size: Optional[int] = 256
     tie_word_embeddings: bool = True
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40_960
@@ -66,6 +69,9 @@ class ModelConfig:
 
     def check(self) -> "ModelConfig":
         """Raise ConfigError on values no Qwen3 model can have."""
+        if self.vocab_size is None:
+            raise ConfigError(f"model {self.name}: vocab_size is null (the tokenizer's size) and was not "
+                              "filled in from a tokenizer (recipes.train.settings_from)")
         positive = ["hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                     "kv_channels", "vocab_size", "max_position_embeddings"]
         for name in positive:
@@ -150,6 +156,19 @@ def load_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     data = _load_yaml(path)
     data.update(overrides)
     return from_dict(ModelConfig, data, str(path)).check()
+
+
+# Megatron's convention: the embedding table is padded to a multiple of 128 rows (fast
+# GEMMs), which also splits evenly over every power-of-two TP up to 128, so a checkpoint
+# keeps its shape at any such layout.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(tokens: int, tp: int = 1) -> int:
+    """The model's vocabulary for a tokenizer of `tokens` ids: the next multiple of 128
+    (and of `tp`, for a TP size that 128 does not divide)."""
+    step = math.lcm(VOCAB_MULTIPLE, tp)
+    return -(-tokens // step) * step
 
 
 def load_parallel_config(name_or_path: str, **overrides: Any) -> ParallelConfig:

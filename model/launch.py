@@ -19,12 +19,31 @@ def relaunch_if_needed(module: str, argv: list[str], nprocs: int) -> None:
         world = int(os.environ["WORLD_SIZE"])
         if world % nprocs:
             raise SystemExit(f"error: this layout needs a multiple of {nprocs} processes, got WORLD_SIZE={world}")
+        if os.environ.get("QWEN3_RELAUNCHED") == "1":
+            _die_with_launcher()
         return
     if nprocs == 1:
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nprocs}", "-m", module, *argv]
-    sys.exit(subprocess.call(cmd))
+    sys.exit(subprocess.call(cmd, env={**os.environ, "QWEN3_RELAUNCHED": "1"}))
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a SIGKILL to the command's
+    process group (a killed job step, `kill -9 -PGID`) stops the launcher but would leave
+    the ranks training on as orphans, writing into a run directory that a re-run then
+    shares. Ask Linux to kill this rank when its parent, the launcher, dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:   # the launcher died before the request took effect
+        os._exit(1)
 
 
 def hydra_cli(config_name: str, run_cli) -> None:

@@ -8,6 +8,7 @@ megatron-core's parallel state for every entry point (training, conversion, test
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -156,16 +157,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Whether init_distributed started torch.distributed (and destroy_distributed ends it). A
+# process group that was there before, such as the in-process pipeline runner's, outlives
+# the stages that use it.
+_OWN_PROCESS_GROUP = False
+
+
+def start_process_group(timeout_minutes: int = 30) -> None:
+    """torch.distributed's default group for this process: from torchrun/SLURM-style env
+    vars (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) when present, otherwise a
+    single-process world. NCCL on GPU, gloo on CPU."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+@contextlib.contextmanager
+def process_group():
+    """torch.distributed for the duration of a block: started when absent (and ended
+    afterwards), used as it is when there."""
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        start_process_group()
+    try:
+        yield
+    finally:
+        if started and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig | None = None,
                      timeout_minutes: int = 30) -> Layout:
     """Start torch.distributed and megatron-core's parallel state for this process.
 
     Uses torchrun/SLURM-style env vars (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
     LOCAL_RANK) when present, otherwise a single-process world. NCCL on GPU, gloo plus
-    the CPU compatibility layer (model.cpu_compat) when CUDA is absent.
+    the CPU compatibility layer (model.cpu_compat) when CUDA is absent. A process group
+    that already exists is used as it is.
     """
-    import datetime
-
     import torch
     import torch.distributed as dist
 
@@ -182,12 +221,10 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
 
         cpu_compat.activate()
 
+    global _OWN_PROCESS_GROUP
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        start_process_group(timeout_minutes)
+        _OWN_PROCESS_GROUP = True
 
     from megatron.core import parallel_state, tensor_parallel
 
@@ -215,13 +252,16 @@ def reset_model_parallel() -> None:
 
 
 def destroy_distributed() -> None:
-    """Orderly shutdown: no rank tears down its gloo/NCCL groups while others still talk."""
+    """Orderly shutdown: no rank tears down its gloo/NCCL groups while others still talk.
+    The default process group goes too when init_distributed started it."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    global _OWN_PROCESS_GROUP
     if dist.is_initialized():
         dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and _OWN_PROCESS_GROUP:
         dist.destroy_process_group()
+        _OWN_PROCESS_GROUP = False

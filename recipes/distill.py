@@ -53,7 +53,7 @@ from model.config import ConfigError, from_dict
 from recipes.distill_loss import DistillLoss
 from recipes.grpo import GRPOConfig
 from recipes.rl import GRPOTask, PolicyRollout
-from recipes.train import Settings, Task, run
+from recipes.train import Settings, Task, chat_tokenizer, run
 
 PHASES = ("off_policy", "on_policy")
 REPORT_KEYS = ("distill/kl", "distill/ce")
@@ -349,7 +349,6 @@ class Distill:
 
     def validate(self, cfg: DictConfig, s: Settings) -> None:
         from data_pipeline.distill_data import read_topk_meta
-        from data_pipeline.tokenizer import load_tokenizer
 
         d = _section(cfg)
         phase = str(d.get("phase"))
@@ -375,10 +374,7 @@ class Distill:
                             "for every step")
         if problems:
             raise ConfigError("; ".join(problems))
-        tokenizer = load_tokenizer(d.data.tokenizer)
-        if len(tokenizer) > s.model.vocab_size:
-            raise ConfigError(f"tokenizer {d.data.tokenizer} has {len(tokenizer)} tokens, more than "
-                              f"model.vocab_size={s.model.vocab_size}")
+        tokenizer = chat_tokenizer(cfg, s)
         if c.top_k > len(tokenizer):
             raise ConfigError(f"distill.loss.top_k={c.top_k} is more than the tokenizer's {len(tokenizer)} tokens")
         ckpt = teacher_checkpoint(cfg, s.run_dir)
@@ -418,7 +414,7 @@ class Distill:
         d = _section(cfg)
         phase, c = str(d.phase), loss_settings(cfg)
         r = _typed(RolloutSettings, d.get("rollout"), "distill.rollout")
-        tokenizer = load_tokenizer(d.data.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
         rank0 = dist.get_rank() == 0
         rewards = OmegaConf.to_container(d.rewards, resolve=True)
         max_prompt = s.trainer.seq_length - r.max_new_tokens
@@ -476,9 +472,13 @@ class Distill:
                     sources={"teacher": source.resolve()} if source is not None else {})
 
 
+# What `stage.recipe: distill` runs (recipes.train.recipe_for).
+RECIPE = Distill()
+
+
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, Distill()))
+    sys.exit(run(cfg, RECIPE))
 
 
 if __name__ == "__main__":

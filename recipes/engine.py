@@ -143,10 +143,12 @@ class MoEMetrics:
         if self.model_cfg.moe_aux_loss_type != "global_aux_loss":
             return {}
         device = next(self.chunks[0].parameters()).device
-        worst = (self._load_ratio if self._load_ratio is not None else torch.zeros(())).to(device, torch.float64)
+        # -1: no counts on this stage. The routers count only while the balancing loss's
+        # coefficient is > 0; with none anywhere the load is left out, not logged as 0.
+        worst = (self._load_ratio if self._load_ratio is not None else torch.full((), -1.0)).to(device, torch.float64)
         worst = worst.reshape(1)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_pipeline_model_parallel_group())
-        return {"moe/expert_load_max_over_mean": worst.item()}
+        return {"moe/expert_load_max_over_mean": worst.item()} if worst.item() >= 0 else {}
 
 
 @dataclass

@@ -15,7 +15,8 @@ Metrics (any whose input is not given is left out):
     with reasoning inside for think, the empty think block for no_think, then an answer;
   - `response_tokens_<m>`: mean generated tokens.
 - `expert_load_max_over_mean` (MoE): tokens routed to the busiest expert over the mean,
-  worst layer, counted over the held-out text.
+  worst layer, counted over the held-out text; `expert_load_max_over_mean_<m>` the same
+  over the prompts and answers of mode m (the distribution a fine-tuned model now serves).
 - `budget_curve` (with `thinking_budgets`): think-mode accuracy and mean thinking tokens at
   each budget (recipes/generate.py's thinking budget; null is no limit): the report's
   accuracy-against-thinking-budget curve.
@@ -112,23 +113,46 @@ def _lm_loss(chunks, rows: torch.Tensor) -> float | None:
     return None if logp is None else float(-logp.double().mean())
 
 
+def _data_parallel_share(n: int) -> tuple[list[int], object]:
+    """(indices of `n` items this rank answers, gather) where gather(local results) returns
+    every item's result in order on every rank. The items are dealt over data-parallel
+    ranks, except under expert parallelism, whose all-to-alls span data-parallel ranks and
+    need the same forward calls on each: there every rank answers everything."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1 or parallel_state.get_expert_model_parallel_world_size() > 1:
+        return list(range(n)), lambda local: local
+    rank = parallel_state.get_data_parallel_rank()
+
+    def gather(local: list) -> list:
+        shares = [None] * dp
+        dist.all_gather_object(shares, local, group=parallel_state.get_data_parallel_group())
+        return [shares[i % dp][i // dp] for i in range(n)]
+
+    return list(range(rank, n, dp)), gather
+
+
 def _answers(chunks, tokenizer, items: list, mode: str, max_new_tokens: int, batch_size: int,
-             budget_tokens: int | None = None) -> list[tuple[str, object]]:
-    """(response text, Generation) per (row, messages) item, greedy. Thinking is Qwen3's
-    default, so think-mode prompts carry no flag; no_think ones end with /no_think."""
+             budget_tokens: int | None = None) -> list[tuple[str, int, int]]:
+    """(response text, response tokens, thinking tokens) per (row, messages) item, greedy,
+    the items shared out over data-parallel ranks. Thinking is Qwen3's default, so
+    think-mode prompts carry no flag; no_think ones end with /no_think."""
     from data_pipeline.fusion import in_mode
     from recipes.generate import generate, prompt_ids, response_text, stop_ids, thinking_budget
 
     stop = stop_ids(tokenizer)
     budget = thinking_budget(tokenizer, budget_tokens)
+    mine, gather = _data_parallel_share(len(items))
     out = []
-    for start in range(0, len(items), batch_size):
-        part = items[start:start + batch_size]
+    for start in range(0, len(mine), batch_size):
+        part = [items[i] for i in mine[start:start + batch_size]]
         prompts = [prompt_ids(tokenizer, in_mode(messages, mode, mode == "no_think"), enable_thinking=True)
                    for _, messages in part]
         gens = generate(chunks, prompts, max_new_tokens, stop, budget=budget, vocab_limit=len(tokenizer))
-        out += [(response_text(tokenizer, g, stop), g) for g in gens]
-    return out
+        out += [(response_text(tokenizer, g, stop), len(g.tokens), _thinking_tokens(tokenizer, g)) for g in gens]
+    return gather(out)
 
 
 def _thinking_tokens(tokenizer, g) -> int:
@@ -163,11 +187,15 @@ def evaluate(chunks, tokenizer, *, lm_texts: list[str] | None = None, lm_seq_len
         if progress:
             progress("lm loss")
     for mode in (modes if problems else ()):
+        experts = ExpertCounts(chunks)
         answers = _answers(chunks, tokenizer, problems, mode, max_new_tokens, batch_size)
+        ratio = experts.worst_ratio()
+        if ratio is not None:
+            metrics[f"expert_load_max_over_mean_{mode}"] = ratio
         metrics[f"accuracy_{mode}"] = sum(math_reward(text, row["reference"])
-                                          for (row, _), (text, _) in zip(problems, answers)) / len(problems)
-        metrics[f"format_{mode}"] = sum(response_form(text) == mode for text, _ in answers) / len(problems)
-        metrics[f"response_tokens_{mode}"] = sum(len(g.tokens) for _, g in answers) / len(problems)
+                                          for (row, _), (text, _, _) in zip(problems, answers)) / len(problems)
+        metrics[f"format_{mode}"] = sum(response_form(text) == mode for text, _, _ in answers) / len(problems)
+        metrics[f"response_tokens_{mode}"] = sum(n for _, n, _ in answers) / len(problems)
         if progress:
             progress(mode)
     curve = []
@@ -175,8 +203,8 @@ def evaluate(chunks, tokenizer, *, lm_texts: list[str] | None = None, lm_seq_len
         answers = _answers(chunks, tokenizer, problems, "think", max_new_tokens, batch_size, budget)
         curve.append({"budget": budget,
                       "accuracy": sum(math_reward(text, row["reference"])
-                                      for (row, _), (text, _) in zip(problems, answers)) / len(problems),
-                      "thinking_tokens": sum(_thinking_tokens(tokenizer, g) for _, g in answers) / len(problems)})
+                                      for (row, _), (text, _, _) in zip(problems, answers)) / len(problems),
+                      "thinking_tokens": sum(thinking for _, _, thinking in answers) / len(problems)})
         if progress:
             progress(f"budget {budget}")
     if curve:

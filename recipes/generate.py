@@ -455,50 +455,80 @@ def run_cli(cfg) -> int:
     writer = TopKWriter(out_path, k, opts["temperature"], records) if rank0 and k else None
     stop = stop_ids(tokenizer)
     written, size = 0, opts["batch_size"]
+    batches = [b for b, start in enumerate(range(0, len(items), size)) if any(todo[start:start + size])]
+    # Batches are dealt over data-parallel ranks; rank 0 writes them in order.
+    dp, dp_rank, gather = _batch_share()
     with open(out_path, "a", encoding="utf-8") if rank0 else contextlib.nullcontext() as f:
-        for b, start in enumerate(range(0, len(items), size)):
-            part, wanted = items[start:start + size], todo[start:start + size]
-            if not any(wanted):
-                continue
-            prompts = [prompt_ids(tokenizer, in_mode(m, mode, opts["flags"]) if mode else m,
-                                  mode != "no_think" if mode else bool(cfg.enable_thinking)) for _, m, mode in part]
-            gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop,
-                            dataclasses.replace(sampling, seed=sampling.seed * 1000003 + b), budget,
-                            vocab_limit=len(tokenizer), top_k_logprobs=k, logprob_temperature=opts["temperature"])
+        for first in range(0, len(batches), dp):
+            wave = batches[first:first + dp]
+            mine = []
+            if dp_rank < len(wave):
+                b = wave[dp_rank]
+                part = items[b * size:(b + 1) * size]
+                prompts = [prompt_ids(tokenizer, in_mode(m, mode, opts["flags"]) if mode else m,
+                                      mode != "no_think" if mode else bool(cfg.enable_thinking)) for _, m, mode in part]
+                gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop,
+                                dataclasses.replace(sampling, seed=sampling.seed * 1000003 + b), budget,
+                                vocab_limit=len(tokenizer), top_k_logprobs=k, logprob_temperature=opts["temperature"])
+                mine = [(prompt, g.tokens, g.finish, g.budget_stopped, response_text(tokenizer, g, stop),
+                         (torch.stack(g.top_ids).numpy(), torch.stack(g.top_logprobs).numpy()) if k else None)
+                        for prompt, g in zip(prompts, gens)]
+            results = gather(mine)
             if not rank0:
                 continue
-            for (row, _, mode), prompt, g, want in zip(part, prompts, gens, wanted):
-                if not want:
-                    continue
-                text = response_text(tokenizer, g, stop)
-                thinking_text, answer = split_response(text)
-                out = {**{key: v for key, v in row.items() if key != "messages"}, "response": text,
-                       "thinking": thinking_text, "answer": answer, "tokens": len(g.tokens), "finish": g.finish,
-                       "budget_stopped": g.budget_stopped}
-                if mode is not None:
-                    out["mode"] = mode
-                if opts["ids"]:
-                    out["prompt_ids"], out["response_ids"] = prompt, g.tokens
-                if writer is not None:   # the records first: a row on disk always has its records
-                    out["topk_offset"] = writer.append(torch.stack(g.top_ids).numpy(),
-                                                       torch.stack(g.top_logprobs).numpy())
-                    writer.flush()
-                line = json.dumps(out, ensure_ascii=False) + "\n"
-                if opts["kill_after"] is not None and written == int(opts["kill_after"]):
-                    f.write(line[:len(line) // 2])   # fault injection: die in the middle of a row
-                    f.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                f.write(line)
-                written += 1
-            f.flush()
-            if bar is not None:
-                bar.update(sum(wanted))
+            for b, done_batch in zip(wave, results):
+                start = b * size
+                for (row, _, mode), want, (prompt, tokens, finish, stopped, text, tops) in zip(
+                        items[start:start + size], todo[start:start + size], done_batch):
+                    if not want:
+                        continue
+                    thinking_text, answer = split_response(text)
+                    out = {**{key: v for key, v in row.items() if key != "messages"}, "response": text,
+                           "thinking": thinking_text, "answer": answer, "tokens": len(tokens), "finish": finish,
+                           "budget_stopped": stopped}
+                    if mode is not None:
+                        out["mode"] = mode
+                    if opts["ids"]:
+                        out["prompt_ids"], out["response_ids"] = prompt, tokens
+                    if writer is not None:   # the records first: a row on disk always has its records
+                        out["topk_offset"] = writer.append(*tops)
+                        writer.flush()
+                    line = json.dumps(out, ensure_ascii=False) + "\n"
+                    if opts["kill_after"] is not None and written == int(opts["kill_after"]):
+                        f.write(line[:len(line) // 2])   # fault injection: die in the middle of a row
+                        f.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    f.write(line)
+                    written += 1
+                f.flush()
+                if bar is not None:
+                    bar.update(sum(todo[start:start + size]))
     if writer is not None:
         writer.close()
     if bar is not None:
         bar.close()
     destroy_distributed()
     return 0
+
+
+def _batch_share() -> tuple[int, int, object]:
+    """(data-parallel size, this rank's index, gather) for dealing batches over DP ranks:
+    gather(this rank's results) gives rank 0 every rank's, in rank order. Under expert
+    parallelism, whose all-to-alls span DP ranks, every rank takes every batch instead."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1 or parallel_state.get_expert_model_parallel_world_size() > 1:
+        return 1, 0, lambda local: [local]
+    group = parallel_state.get_data_parallel_group()
+
+    def gather(local):
+        shares = [None] * dp if parallel_state.get_data_parallel_rank() == 0 else None
+        dist.gather_object(local, shares, dst=dist.get_global_rank(group, 0), group=group)
+        return shares
+
+    return dp, parallel_state.get_data_parallel_rank(), gather
 
 
 def main() -> None:

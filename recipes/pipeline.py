@@ -8,7 +8,9 @@ A pipeline file (hydra_conf/pipeline/<name>.yaml, or a path) lists `stages` in o
 entry names the hydra_conf/stage/ config it runs (`stage`), where its weights come from
 (`init_from`: an earlier stage of the same run, or a checkpoint directory), the teacher for
 distillation (`teacher`), optional teacher data to generate first (`generate`:
-recipes.generate settings), and any other config key as an override for that stage alone.
+recipes.generate settings), changes to the pipeline's `eval` settings for its own eval
+(`eval`: e.g. `{problems: null}` for a stage that has not learnt the chat format yet, or
+`{enabled: false}`), and any other config key as an override for that stage alone.
 `common` holds overrides for every stage. `extends: <pipeline>` starts from another pipeline
 file (merged key by key: an entry of `stages` adds to the base's entry). Inside the file `${run_dir}` and
 `${data_root}` (and `${run_root}`) are the run directory and data.root the stages resolve.
@@ -18,7 +20,11 @@ pipeline file itself (`teacher=`, `eval.samples=`, `budget_curve.budgets=`) chan
 pipeline; everything else goes to every stage (and `parallel` to the evals too).
 
 Every stage runs as its own process (`python -m recipes.<recipe>`, which re-launches itself
-on trainer.nprocs ranks). A stage that has finished and been evaluated has a marker,
+on trainer.nprocs ranks), unless the file says `in_process: true`: then the runner itself
+runs on the stages' ranks (re-launching itself under torchrun once) and calls each stage,
+its teacher-data generation and its eval in those processes, which saves an interpreter
+start and the imports of torch and megatron-core per step (the miniature; every stage must
+then use the same number of ranks). A stage that has finished and been evaluated has a marker,
 <run dir>/pipeline/<stage>.json, written atomically, recording the checkpoint it ended with,
 the checkpoint it started from and the teacher (as its own final.json reports them, with a
 content fingerprint of each), and its eval. Re-running the same command skips marked stages;
@@ -46,7 +52,7 @@ from model.config import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "hydra_conf"
 # Entry keys the runner interprets; any other key of an entry is a config override.
-ENTRY_KEYS = ("stage", "init_from", "teacher", "generate")
+ENTRY_KEYS = ("stage", "init_from", "teacher", "generate", "eval")
 MARKERS = "pipeline"
 
 
@@ -60,6 +66,7 @@ class Stage:
     init_from: str | None = None
     teacher: str | None = None
     generate: dict | None = None
+    eval: dict = field(default_factory=dict)   # the pipeline's eval settings with this stage's changes
     stage_dir: Path | None = None
     wandb: dict = field(default_factory=dict)   # the stage's logging.wandb, for its eval
 
@@ -72,6 +79,8 @@ class Plan:
     common: list[str]
     stages: list[Stage]
     settings: DictConfig        # the pipeline file with its CLI changes (eval, budget_curve, ...)
+    in_process: bool = False    # run every step in the runner's own processes (see the docstring)
+    world_size: int = 1         # with in_process: the ranks every stage runs on
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -134,12 +143,10 @@ def load_pipeline(name: str, seen: tuple = ()) -> DictConfig:
 
 def compose_stage(config: str, overrides: list[str]) -> DictConfig:
     """The stage's full config as its recipe will see it (Hydra compose, no side effects)."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base=None):
-            cfg = compose(config_name="config", overrides=[f"stage={config}", *overrides])
+        cfg = _compose("config", [f"stage={config}", *overrides])
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -213,7 +220,7 @@ def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
     except OmegaConfBaseException as e:
         raise ConfigError(f"pipeline {name}: {str(e).strip().splitlines()[0]}") from None
 
-    stages, earlier = [], []
+    stages, earlier, worlds = [], [], {}
     for order, (key, entry) in enumerate(conf.stages.items()):
         entry = OmegaConf.to_container(entry) if entry is not None else {}
         config = str(entry.get("stage", key))
@@ -231,25 +238,41 @@ def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
             cfg.stage.name = key
         if check:
             _check_stage(key, cfg)
+        worlds[key] = _world_size(cfg)
         stage_run = Path(str(cfg.run.root)) / str(cfg.run.name)
         if stage_run != run_dir:
             raise ConfigError(f"stage {key} would write to {stage_run}, not the pipeline's run directory "
                               f"{run_dir}: override run.root/run.name for every stage, not one")
+        evaluation = OmegaConf.to_container(OmegaConf.merge(conf.get("eval") or {}, entry.get("eval") or {}))
         stages.append(Stage(key, order, config, str(cfg.stage.recipe), own_overrides + wiring,
                             str(init_from) if init_from else None, str(teacher) if teacher else None,
-                            entry.get("generate"), run_dir / key,
+                            entry.get("generate"), evaluation, run_dir / key,
                             OmegaConf.to_container(cfg.logging.wandb, resolve=True)))
         earlier.append(key)
-    return Plan(name, run_dir, data_root, common, stages, conf)
+    in_process = bool(conf.get("in_process", False))
+    if in_process and len(set(worlds.values())) > 1:
+        raise ConfigError(f"pipeline {name} runs in_process, so every stage needs the same number of ranks "
+                          f"(trainer.nprocs), not {worlds}")
+    return Plan(name, run_dir, data_root, common, stages, conf, in_process, next(iter(worlds.values())))
+
+
+def _world_size(cfg: DictConfig) -> int:
+    """The ranks a stage launches with: trainer.nprocs, or what its layout needs."""
+    from model.config import ParallelConfig, from_dict
+    from model.parallel import minimum_world_size
+
+    if cfg.trainer.get("nprocs"):
+        return int(cfg.trainer.nprocs)
+    return minimum_world_size(from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True),
+                                        "parallel"))
 
 
 def _check_stage(name: str, cfg: DictConfig) -> None:
-    from model.parallel import minimum_world_size
     from recipes.train import check_settings, settings_from
 
     try:
         s = settings_from(cfg)
-        check_settings(s, s.trainer.nprocs or minimum_world_size(s.parallel), str(cfg.stage.recipe))
+        check_settings(s, _world_size(cfg), str(cfg.stage.recipe))
     except ConfigError as e:
         raise ConfigError(f"stage {name}: {e}") from None
 
@@ -276,12 +299,11 @@ def _parallel(overrides: list[str]) -> list[str]:
 
 
 def eval_command(plan: Plan, stage: Stage, checkpoint: Path, budgets: list | None) -> list[str]:
-    e = plan.settings.get("eval") or {}
     # wandb: the runner logs every stage's eval into one run of its own (run_pipeline)
     args = {"checkpoint": str(checkpoint), "output": str(stage.stage_dir / "eval.json"),
             "name": f"{plan.run_dir.name}/{stage.name}", "tokenizer": str(plan.data_root / "tokenizer"),
             "progress": False, "wandb": {"mode": "disabled"}}
-    args.update({k: v for k, v in OmegaConf.to_container(e).items() if k != "enabled"})
+    args.update({k: v for k, v in stage.eval.items() if k != "enabled"})
     if budgets:
         args["thinking_budgets"] = list(budgets)
     return [sys.executable, "-m", "recipes.eval", *flatten(args), *_parallel(plan.common)]
@@ -292,17 +314,92 @@ def eval_command(plan: Plan, stage: Stage, checkpoint: Path, budgets: list | Non
 _LAUNCH_ENV = dict(os.environ)
 
 
-def _eval(cmd: list[str], log: Path) -> int:
-    """The eval: in this process when it needs one rank (no interpreter start, no second
-    import of torch and megatron-core per stage), otherwise as its own launch."""
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """hydra_conf/<config_name>.yaml with overrides, as that CLI would see it."""
     from hydra import compose, initialize_config_dir
 
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _agree(value):
+    """Rank 0's `value` on every rank: the runner's decisions come from the run directory,
+    which rank 0 alone reads and writes."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _say(text: str, error: bool = False) -> None:
+    if _rank() == 0:
+        print(text, file=sys.stderr if error else sys.stdout, flush=True)
+
+
+class _Tee:
+    """A text stream that writes to several (the console and a step's log)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _here(step, log: Path, what: str) -> int:
+    """Run `step()` (an exit code) in this process, rank 0's output also into `log`. If it
+    raises on one rank of several, the process exits at once: torchrun then stops the
+    other ranks, which would otherwise wait in a collective until the timeout."""
+    import contextlib
+    import traceback
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") if _rank() == 0 else contextlib.nullcontext() as f:
+        try:
+            if f is None:
+                return step()
+            f.write(f"# in process: {what}\n")
+            with contextlib.redirect_stdout(_Tee(sys.stdout, f)), contextlib.redirect_stderr(_Tee(sys.stderr, f)):
+                return step()
+        except Exception:
+            import torch.distributed as dist
+
+            if not dist.is_initialized() or dist.get_world_size() == 1:
+                raise
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def _eval(plan: Plan, cmd: list[str], log: Path) -> int:
+    """The eval: in this process when the pipeline runs in process, or when it needs one
+    rank (no interpreter start, no second import of torch and megatron-core per stage),
+    otherwise as its own launch."""
     from model.config import ParallelConfig, from_dict
     from model.parallel import minimum_world_size
     from recipes import eval as evaluation
 
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="eval", overrides=cmd[3:])
+    cfg = _compose("eval", cmd[3:])
+    if plan.in_process:
+        return _here(lambda: evaluation.run_cli(cfg), log, "eval")
     par = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
     if minimum_world_size(par) > 1 or "WORLD_SIZE" in _LAUNCH_ENV:
         return _run(cmd, log)
@@ -312,6 +409,25 @@ def _eval(cmd: list[str], log: Path) -> int:
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             if key not in _LAUNCH_ENV:
                 os.environ.pop(key, None)
+
+
+def _train(plan: Plan, stage: Stage, log: Path) -> int:
+    if not plan.in_process:
+        return _run(stage_command(plan, stage), log)
+    from recipes.train import recipe_for, run
+
+    cfg = compose_stage(stage.config, [*plan.common, *stage.overrides])
+    return _here(lambda: run(cfg, recipe_for(stage.recipe)), log, f"stage {stage.name}")
+
+
+def _generate(plan: Plan, stage: Stage, log: Path) -> int:
+    cmd = generate_command(plan, stage)
+    if not plan.in_process:
+        return _run(cmd, log)
+    from recipes import generate
+
+    cfg = _compose("generate", cmd[3:])
+    return _here(lambda: generate.run_cli(cfg), log, f"teacher data for {stage.name}")
 
 
 def _run(cmd: list[str], log: Path) -> int:
@@ -341,21 +457,23 @@ def _source(path: str | None) -> tuple[str | None, str | None]:
     return path, fingerprint(Path(path)) if Path(path).is_dir() else None
 
 
-def finish_stage(plan: Plan, stage: Stage, started: float, budgets: list | None) -> dict:
-    """Evaluate the finished stage and write its marker (atomically, last)."""
+def finish_stage(plan: Plan, stage: Stage, started: float, budgets: list | None) -> dict | None:
+    """Evaluate the finished stage and write its marker (atomically, last); the marker, on
+    rank 0 (None on the other ranks of an in-process run, which take part in the eval)."""
     from recipes.checkpointing import FINAL, fingerprint, write_atomic
     from recipes.run_log import read_metrics
 
-    final = json.loads((stage.stage_dir / FINAL).read_text())
+    final = _agree(json.loads((stage.stage_dir / FINAL).read_text()) if _rank() == 0 else None)
     checkpoint = (stage.stage_dir / final["checkpoint"]).resolve()
     metrics = {}
-    e = plan.settings.get("eval") or {}
-    if e.get("enabled", True):
-        code = _eval(eval_command(plan, stage, checkpoint, budgets), plan.run_dir / MARKERS / f"{stage.name}.log")
+    if stage.eval.get("enabled", True):
+        code = _eval(plan, eval_command(plan, stage, checkpoint, budgets), plan.run_dir / MARKERS / f"{stage.name}.log")
         if code != 0:
             raise RuntimeError(f"the eval after stage {stage.name} failed (exit {code})")
-        result = json.loads((stage.stage_dir / "eval.json").read_text())
-        metrics = result["metrics"]
+        if _rank() == 0:
+            metrics = json.loads((stage.stage_dir / "eval.json").read_text())["metrics"]
+    if _rank() != 0:
+        return None
     curve = metrics.pop("budget_curve", None)
     if curve is not None:
         write_atomic(plan.run_dir / "budget_curve.json", json.dumps(
@@ -373,6 +491,8 @@ def finish_stage(plan: Plan, stage: Stage, started: float, budgets: list | None)
 
 
 def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
+    """Run (or with dry_run, print) the stages without a marker. In an in-process plan every
+    rank calls this; rank 0 reads and writes the run directory and tells the others."""
     from recipes.checkpointing import FINAL, latest_checkpoint, resolve_init_from
     from recipes.eval import log_to_wandb
 
@@ -380,12 +500,13 @@ def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
     for stage in plan.stages:
         if stage.teacher and not dry_run:
             resolve_init_from(stage.teacher, plan.run_dir)   # a missing teacher fails now, not hours later
-    for name in ("lm_data", "problems"):
-        path = (plan.settings.get("eval") or {}).get(name)
-        if (plan.settings.get("eval") or {}).get("enabled", True) and path and not dry_run and not Path(str(path)).is_file():
-            raise ConfigError(f"eval.{name}={path} does not exist (or set eval.enabled=false)")
-    print(f"pipeline {plan.name}: {len(plan.stages)} stages into {plan.run_dir}", flush=True)
-    if not dry_run:
+    for stage in plan.stages:
+        for name in ("lm_data", "problems"):
+            path = stage.eval.get(name)
+            if stage.eval.get("enabled", True) and path and not dry_run and not Path(str(path)).is_file():
+                raise ConfigError(f"eval.{name}={path} does not exist (or set eval.enabled=false)")
+    _say(f"pipeline {plan.name}: {len(plan.stages)} stages into {plan.run_dir}")
+    if not dry_run and _rank() == 0:
         from recipes.checkpointing import write_atomic
 
         (plan.run_dir / MARKERS).mkdir(parents=True, exist_ok=True)
@@ -394,8 +515,8 @@ def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
     for stage in plan.stages:
         marker = marker_path(plan, stage)
         prefix = f"[{stage.order + 1}/{len(plan.stages)}] {stage.name}"
-        if marker.is_file():
-            print(f"{prefix}: done earlier ({marker}), skipped", flush=True)
+        if _agree(marker.is_file()):
+            _say(f"{prefix}: done earlier ({marker}), skipped")
             continue
         budgets = list(curve.get("budgets") or []) if curve.get("stage") == stage.name else None
         log = plan.run_dir / MARKERS / f"{stage.name}.log"
@@ -405,28 +526,40 @@ def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
             print("$ " + " ".join(stage_command(plan, stage)))
             continue
         started = time.time()
-        if not (stage.stage_dir / FINAL).is_file():
-            resuming = latest_checkpoint(stage.stage_dir) is not None
-            print(f"{prefix}: {'resuming from ' + str(latest_checkpoint(stage.stage_dir)) if resuming else 'starting'}",
-                  flush=True)
-            if stage.generate and not resuming:
-                code = _run(generate_command(plan, stage), log)
+        if not _agree((stage.stage_dir / FINAL).is_file()):
+            latest = _agree(latest_checkpoint(stage.stage_dir))
+            _say(f"{prefix}: {'resuming from ' + str(latest) if latest is not None else 'starting'}")
+            if stage.generate and latest is None:
+                code = _generate(plan, stage, log)
                 if code != 0:
-                    print(f"error: generating {stage.name}'s teacher data failed (exit {code}); re-run the same "
-                          "command to continue", file=sys.stderr)
+                    _say(f"error: generating {stage.name}'s teacher data failed (exit {code}); re-run the same "
+                         "command to continue", error=True)
                     return code or 1
-            code = _run(stage_command(plan, stage), log)
-            if code != 0 or not (stage.stage_dir / FINAL).is_file():
-                print(f"error: stage {stage.name} stopped (exit {code}); re-run the same command to continue it "
-                      f"from its latest checkpoint (log: {log})", file=sys.stderr)
+            code = _train(plan, stage, log)
+            if code != 0 or not _agree((stage.stage_dir / FINAL).is_file()):
+                _say(f"error: stage {stage.name} stopped (exit {code}); re-run the same command to continue it "
+                     f"from its latest checkpoint (log: {log})", error=True)
                 return code or 1
         done = finish_stage(plan, stage, started, budgets)
+        if done is None:
+            continue
         log_to_wandb(stage.wandb, f"{plan.run_dir.name}/pipeline", done["eval"],
                      plan.run_dir / MARKERS, step=stage.order)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in done["eval"].items() if isinstance(v, float))
         print(f"{prefix}: finished at step {done['step']} in {done['wall_s']:.0f} s; {shown}", flush=True)
-    print(f"pipeline {plan.name}: all stages done ({plan.run_dir / MARKERS})", flush=True)
+    _say(f"pipeline {plan.name}: all stages done ({plan.run_dir / MARKERS})")
     return 0
+
+
+def run_in_process(plan: Plan, argv: list[str], module: str = "recipes.pipeline") -> int:
+    """An in-process plan: re-run `module` with `argv` under torchrun on the stages' ranks
+    (unless launched already), then every step in these processes."""
+    from model.launch import relaunch_if_needed
+    from model.parallel import process_group
+
+    relaunch_if_needed(module, argv, plan.world_size)   # exits with the workers' code
+    with process_group():
+        return run_pipeline(plan)
 
 
 def print_plan(plan: Plan) -> None:
@@ -446,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         if flags["plan"]:
             print_plan(plan)
             return 0
+        if plan.in_process and not flags["dry_run"]:
+            return run_in_process(plan, sys.argv[1:] if argv is None else argv)
         return run_pipeline(plan, dry_run=flags["dry_run"])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

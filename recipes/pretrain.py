@@ -20,6 +20,16 @@ from recipes import data as pretrain_data
 from recipes.train import Settings, Task, run
 
 
+def document_end(cfg: DictConfig) -> int:
+    """The <|endoftext|> id the preprocessor put after every document: data.eod_id, or the
+    tokenizer's own when that is null."""
+    if cfg.data.get("eod_id") is not None:
+        return int(cfg.data.eod_id)
+    from data_pipeline.tokenizer import eod_id, load_tokenizer
+
+    return eod_id(load_tokenizer(cfg.tokenizer))
+
+
 class Pretrain:
     name = "pretrain"
     module = "recipes.pretrain"
@@ -29,8 +39,9 @@ class Pretrain:
         for info in pretrain_data.check_data(spec):
             if info["documents"] == 0:
                 raise ConfigError(f"dataset {info['prefix']} has no documents")
-        if int(cfg.data.eod_id) >= s.model.vocab_size:
-            raise ConfigError(f"data.eod_id={cfg.data.eod_id} is outside model.vocab_size={s.model.vocab_size}")
+        eod = document_end(cfg)
+        if eod >= s.model.vocab_size:
+            raise ConfigError(f"the document separator id {eod} is outside model.vocab_size={s.model.vocab_size}")
 
     def task(self, cfg: DictConfig, s: Settings, engine) -> Task:
         import torch
@@ -40,7 +51,7 @@ class Pretrain:
         t = s.trainer
         dataset = pretrain_data.build_dataset(
             spec, seq_length=t.seq_length, num_samples=t.max_steps * t.global_batch_size, seed=int(cfg.seed),
-            vocab_size=s.model.vocab_size, eod_id=int(cfg.data.eod_id),
+            vocab_size=s.model.vocab_size, eod_id=document_end(cfg),
             cache_dir=cfg.data.cache_dir or s.stage_dir / "data_cache", eod_mask_loss=bool(cfg.data.eod_mask_loss))
         batches = pretrain_data.SampleBatches(
             dataset, spec.names, t.global_batch_size, t.micro_batch_size,
@@ -60,9 +71,13 @@ class Pretrain:
                     tokens_per_step=t.global_batch_size * t.seq_length)
 
 
+# What `stage.recipe: pretrain` runs (recipes.train.recipe_for).
+RECIPE = Pretrain()
+
+
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, Pretrain()))
+    sys.exit(run(cfg, RECIPE))
 
 
 if __name__ == "__main__":

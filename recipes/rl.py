@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.config import ConfigError, from_dict
 from recipes.grpo import GRPOConfig
-from recipes.train import Settings, Task, run
+from recipes.train import Settings, Task, chat_tokenizer, run
 
 REPORT_KEYS = ("rl/pg_loss", "rl/kl", "rl/entropy", "rl/clip_fraction", "rl/ratio", "rl/logp_mismatch")
 
@@ -379,8 +379,6 @@ class RL:
     module = "recipes.rl"
 
     def validate(self, cfg: DictConfig, s: Settings) -> None:
-        from data_pipeline.tokenizer import load_tokenizer
-
         g = grpo_settings(cfg)
         d = cfg.rl.get("data")
         if d is None or not d.get("files"):
@@ -404,10 +402,7 @@ class RL:
         if g.uses_reference and not (cfg.get("init_from") or cfg.stage.get("init_from")):
             raise ConfigError("the KL reference is the stage's starting weights: set init_from=, "
                               "or rl.grpo.kl_coef=0 / rl.grpo.reference=false")
-        tokenizer = load_tokenizer(d.tokenizer)
-        if len(tokenizer) > s.model.vocab_size:
-            raise ConfigError(f"tokenizer {d.tokenizer} has {len(tokenizer)} tokens, more than "
-                              f"model.vocab_size={s.model.vocab_size}")
+        chat_tokenizer(cfg, s)
         from data_pipeline.rl_data import reward_entries
 
         try:
@@ -429,7 +424,7 @@ class RL:
 
         g = grpo_settings(cfg)
         d = cfg.rl.data
-        tokenizer = load_tokenizer(d.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
 
         def load(key: str, files, label: str = "") -> tuple[list, dict]:
             rows, skipped = read_prompts(list(files), OmegaConf.to_container(cfg.rl.rewards, resolve=True),
@@ -476,9 +471,13 @@ def install_model_rewards(cfg: DictConfig, s: Settings, tokenizer) -> None:
                                                           max_new_tokens=int(cfg.rl.judge.max_new_tokens)))
 
 
+# What `stage.recipe: rl` runs (recipes.train.recipe_for).
+RECIPE = RL()
+
+
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, RL()))
+    sys.exit(run(cfg, RECIPE))
 
 
 if __name__ == "__main__":

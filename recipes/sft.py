@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from model.config import ConfigError
-from recipes.train import Settings, Task, run
+from recipes.train import Settings, Task, chat_tokenizer, run
 
 
 def _data_cfg(cfg: DictConfig):
@@ -34,19 +34,13 @@ class SFT:
 
     def validate(self, cfg: DictConfig, s: Settings) -> None:
         from data_pipeline import sft_data
-        from data_pipeline.tokenizer import load_tokenizer
         from model.parallel import te_available
 
         d = _data_cfg(cfg)
         sft_data.input_files(d.files)
         if d.overlength not in sft_data.OVERLENGTH:
             raise ConfigError(f"sft.data.overlength={d.overlength!r} must be one of {sft_data.OVERLENGTH}")
-        tokenizer = load_tokenizer(d.tokenizer)
-        if len(tokenizer) > s.model.vocab_size:
-            raise ConfigError(f"tokenizer {d.tokenizer} has {len(tokenizer)} tokens, more than "
-                              f"model.vocab_size={s.model.vocab_size}")
-        if "<|im_start|>" not in tokenizer.get_vocab():
-            raise ConfigError(f"tokenizer {d.tokenizer} has no <|im_start|>: not a Qwen3 chat tokenizer")
+        chat_tokenizer(cfg, s)
         if d.pack and s.parallel.cp > 1:
             raise ConfigError("sft.data.pack=true with parallel.cp>1 is not supported yet; set cp=1 or pack=false")
         if d.pack and te_available() and s.trainer.micro_batch_size != 1:
@@ -63,7 +57,7 @@ class SFT:
         d = _data_cfg(cfg)
         t = s.trainer
         cache = Path(str(d.cache_dir)) if d.cache_dir else s.stage_dir / "data_cache"
-        build = dict(files=d.files, tokenizer_dir=d.tokenizer, seq_length=t.seq_length, cache_dir=cache,
+        build = dict(files=d.files, tokenizer_dir=cfg.tokenizer, seq_length=t.seq_length, cache_dir=cache,
                      overlength=d.overlength, pack_rows=bool(d.pack))
         # Rank 0 tokenizes and writes the cache; the others then read it.
         if dist.get_rank() == 0:
@@ -81,9 +75,13 @@ class SFT:
                     tokens_per_step=t.global_batch_size * t.seq_length)
 
 
+# What `stage.recipe: sft` runs (recipes.train.recipe_for).
+RECIPE = SFT()
+
+
 @hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, SFT()))
+    sys.exit(run(cfg, RECIPE))
 
 
 if __name__ == "__main__":

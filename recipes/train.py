@@ -26,7 +26,8 @@ from typing import Callable, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from model.config import ConfigError, ModelConfig, ParallelConfig, from_dict, model_config_from_dict
+from model.config import (ConfigError, ModelConfig, ParallelConfig, from_dict, model_config_from_dict,
+                          padded_vocab_size)
 from model.parallel import layout_problems, minimum_world_size, te_available
 
 # Exit code after a clean stop on SIGTERM/SIGUSR1 with the checkpoint written: "try again"
@@ -103,6 +104,20 @@ class Recipe(Protocol):
     def task(self, cfg: DictConfig, settings: "Settings", engine) -> Task: ...
 
 
+def recipe_for(name: str) -> Recipe:
+    """The Recipe of `stage.recipe: <name>`: `RECIPE` of the module recipes.<name>."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"recipes.{name}")
+    except ModuleNotFoundError:
+        raise ConfigError(f"stage.recipe={name!r}: there is no recipes/{name}.py") from None
+    recipe = getattr(module, "RECIPE", None)
+    if recipe is None:
+        raise ConfigError(f"stage.recipe={name!r}: recipes/{name}.py defines no RECIPE")
+    return recipe
+
+
 @dataclass
 class Settings:
     model: ModelConfig
@@ -124,14 +139,36 @@ def settings_from(cfg: DictConfig) -> Settings:
     from recipes.deepspeed_engine import DeepSpeedSettings
     from recipes.engine import OptimConfig
 
-    model = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     parallel = _typed(ParallelConfig, cfg.parallel, "parallel")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("vocab_size") is None:   # the tokenizer's, padded (model.config.padded_vocab_size)
+        from data_pipeline.tokenizer import load_tokenizer
+
+        try:
+            model["vocab_size"] = padded_vocab_size(len(load_tokenizer(cfg.tokenizer)), parallel.tp)
+        except ConfigError as e:
+            raise ConfigError(f"model {model.get('name')} takes its vocab_size from the tokenizer: {e}") from None
+    model = model_config_from_dict(model)
     trainer = _typed(TrainerConfig, cfg.trainer, "trainer")
     optim = _typed(OptimConfig, cfg.optim, "optim").check()
     deepspeed = _typed(DeepSpeedSettings, cfg.get("deepspeed"), "deepspeed")
     run_dir = Path(str(cfg.run.root)) / str(cfg.run.name)
     return Settings(model, parallel, trainer, optim, str(cfg.precision), run_dir / str(cfg.stage.name), run_dir,
                     deepspeed)
+
+
+def chat_tokenizer(cfg: DictConfig, s: Settings):
+    """The stage's tokenizer (`tokenizer=`), checked: a Qwen3 chat tokenizer whose ids fit
+    the model's vocabulary (ConfigError otherwise)."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if len(tokenizer) > s.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than "
+                          f"model.vocab_size={s.model.vocab_size}")
+    if "<|im_start|>" not in tokenizer.get_vocab():
+        raise ConfigError(f"tokenizer {cfg.tokenizer} has no <|im_start|>: not a Qwen3 chat tokenizer")
+    return tokenizer
 
 
 def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
@@ -344,7 +381,10 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
 
     if rank0:
         s.stage_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_atomic(s.stage_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        # as run: a null vocab_size (the tokenizer's) is written as the size it resolved to
+        ran = OmegaConf.to_container(cfg, resolve=True)
+        ran["model"]["vocab_size"] = s.model.vocab_size
+        ckpt.write_atomic(s.stage_dir / "config.yaml", OmegaConf.to_yaml(ran))
     dist.barrier()
     task = recipe.task(cfg, s, engine)
     if task.loss_fn is not None:

@@ -25,6 +25,10 @@ from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_VOCAB = 2048  # small vocabulary keeps the HF references fast; tiny's own is 151,936
+# The learning tests' seed (data, initial weights, training): 0 is what the suite runs and
+# their bars were set on; QWEN3_TEST_SEED=1 (2, 3, ...) reruns them with other draws, to
+# measure the spread the bars must leave room for (see README, "Learning tests").
+TEST_SEED = int(os.environ.get("QWEN3_TEST_SEED", "0"))
 
 
 def _env() -> dict:
@@ -95,9 +99,7 @@ def config_error(cmd: list) -> str:
     from model.config import ConfigError
     from recipes.train import validate
 
-    module = importlib.import_module(str(cmd[cmd.index("-m") + 1]))
-    recipe = next(v() for v in vars(module).values()
-                  if isinstance(v, type) and getattr(v, "module", None) == module.__name__)
+    recipe = importlib.import_module(str(cmd[cmd.index("-m") + 1])).RECIPE
     with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base=None):
         cfg = compose(config_name="config", overrides=[str(a) for a in cmd[cmd.index("-m") + 2:]])
     with pytest.raises(ConfigError) as e:
@@ -182,6 +184,15 @@ def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mini_tokenizer_dir(tmp_path_factory) -> Path:
+    """The mini tokenizer (data_pipeline.tokenizer --mini: 4,096 ids in the Qwen3 format),
+    learnt from the generated corpus once per session: the learning tests' vocabulary."""
+    from data_pipeline.tokenizer import save_mini_tokenizer
+
+    return built_once(tmp_path_factory, "mini_tokenizer", lambda root: save_mini_tokenizer(root / "mini"))
+
+
+@pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     """Generated corpus preprocessed with the real tokenizer: general/code/math datasets
     for S1/S2, and `long` split into length buckets [64,128) and [128,256) for the S3
@@ -220,15 +231,16 @@ def pretrain(run_root: Path, data_root: Path, *overrides, nprocs: int | None = N
     return run(pretrain_command(run_root, data_root, *overrides, nprocs=nprocs), check=check, timeout=timeout)
 
 
-# ---- the arithmetic task shared by the SFT and RL tests ----
+# ---- the arithmetic task shared by the SFT, RL and distillation tests ----
 
 TRAIN_PROBLEMS, HELD_OUT = 1200, 40
-STEPS = 150
-# Every training conversation is 52 tokens (51 next-token positions): two fill a row exactly.
-SFT_ARGS = ["model.tie_word_embeddings=false", "trainer.seq_length=102", "trainer.global_batch_size=8",
+STEPS = 200
+# `mini` (tiny's body, untied, the mini tokenizer's 4,096 ids). Every training conversation
+# is 47 mini tokens (46 next-token positions): two fill a row exactly.
+SFT_ARGS = ["model=mini", "trainer.seq_length=92", "trainer.global_batch_size=8",
             "trainer.micro_batch_size=8", f"trainer.max_steps={STEPS}", f"trainer.save_interval={STEPS}",
             "trainer.log_interval=10", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=5",
-            "logging.progress=false", "logging.wandb.mode=disabled"]
+            f"seed={1234 + TEST_SEED}", "logging.progress=false", "logging.wandb.mode=disabled"]
 # A well-formed Qwen3 thinking answer: the think block, then the answer in \boxed{}.
 WELL_FORMED = re.compile(r"<think>\n[^<]+\n</think>\n\n\\boxed\{\d+\}")
 
@@ -238,16 +250,20 @@ def write_jsonl(path, rows) -> None:
 
 
 @pytest.fixture(scope="session")
-def arith_task(tmp_path_factory, qwen3_tokenizer_dir):
+def arith_task(tmp_path_factory):
+    """Two-digit additions without carries (train, and held-out pairs never trained on) and
+    a random `mini` base converted from HF."""
     from data_pipeline.corpus import addition_problems
+    from data_pipeline.tokenizer import MINI_VOCAB
 
     def build(root):
-        train = addition_problems(TRAIN_PROBLEMS, 2, seed=0, with_carries=False)
-        held = addition_problems(HELD_OUT, 2, seed=1, exclude={tuple(r["pair"]) for r in train}, with_carries=False)
+        train = addition_problems(TRAIN_PROBLEMS, 2, seed=2 * TEST_SEED, with_carries=False)
+        held = addition_problems(HELD_OUT, 2, seed=2 * TEST_SEED + 1, exclude={tuple(r["pair"]) for r in train},
+                                 with_carries=False)
         write_jsonl(root / "train.jsonl", train)
         write_jsonl(root / "held.jsonl", held)
-        hf = make_hf_model(root / "base_hf", "tiny", vocab_size=151936, weight_std=0.02, norm_std=0.0,
-                           tie_word_embeddings=False)
+        hf = make_hf_model(root / "base_hf", "mini", vocab_size=MINI_VOCAB, weight_std=0.02, norm_std=0.0,
+                           seed=TEST_SEED)
         python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / "base")
         return root
 
@@ -257,7 +273,7 @@ def arith_task(tmp_path_factory, qwen3_tokenizer_dir):
 
 def arith_sft_command(task, tokenizer, *overrides) -> list:
     return [sys.executable, "-m", "recipes.sft", f"run.root={task / 'runs'}", "run.name=arith",
-            f"sft.data.tokenizer={tokenizer}", *SFT_ARGS, *map(str, overrides)]
+            f"tokenizer={tokenizer}", *SFT_ARGS, *map(str, overrides)]
 
 
 def arith_sft(task, tokenizer, *overrides, check=True, threads: int = 1):
@@ -279,7 +295,7 @@ def evaluate(task, tokenizer, checkpoint, name, held: str = "held.jsonl", max_ne
 
 
 @pytest.fixture(scope="session")
-def arith_cold_start(arith_task, qwen3_tokenizer_dir, tmp_path_factory):
+def arith_cold_start(arith_task, mini_tokenizer_dir, tmp_path_factory):
     """Cold-start SFT of the arithmetic task: tests/test_sft.py checks what it learned,
     tests/test_rl.py starts its own SFT + RL from it (a model that knows the chat format),
     and tests/test_distill.py uses it as the teacher."""
@@ -287,7 +303,7 @@ def arith_cold_start(arith_task, qwen3_tokenizer_dir, tmp_path_factory):
     # One thread, as the RL learning test that starts from this model was measured with: two
     # threads are 1.6x faster here, but change the float sums, and with them RL's trajectory.
     def build(_):
-        arith_sft(task, qwen3_tokenizer_dir, "stage=sft_cold_start", f"init_from={task / 'base'}",
+        arith_sft(task, mini_tokenizer_dir, "stage=sft_cold_start", f"init_from={task / 'base'}",
                   f"sft.data.files=[{task / 'train.jsonl'}]")
         return task / "runs" / "arith" / "sft_cold_start"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,11 @@ from model.config import (
     load_model_config,
     model_config_from_dict,
     model_config_to_dict,
+    padded_vocab_size,
     read_hf_config,
     to_hf_config,
 )
+from tests.conftest import REPO, config_error
 
 # name: (hidden, ffn or moe ffn, layers, q heads, kv heads, tied, moe)
 TABLE = {
@@ -131,12 +134,28 @@ def transformers5_config(name: str):
 
 
 def test_available_models():
-    assert available_models() == sorted([*TABLE, "tiny", "tiny_moe"])
+    assert available_models() == sorted([*TABLE, "tiny", "tiny_moe", "mini", "mini_moe"])
+
+
+def vocab_from_tokenizer(name: str) -> bool:
+    """Whether the model's yaml leaves vocab_size to the tokenizer (null)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(REPO / "hydra_conf" / "model" / f"{name}.yaml").vocab_size is None
 
 
 @pytest.mark.parametrize("name", available_models())
 def test_every_hydra_model_config_loads(name):
-    cfg = load_model_config(name)
+    from data_pipeline.tokenizer import MINI_VOCAB
+
+    overrides = {}
+    if vocab_from_tokenizer(name):
+        # unusable until a tokenizer fills it in, and it says so
+        with pytest.raises(ConfigError, match=f"model {name}: vocab_size is null") as e:
+            load_model_config(name)
+        assert "\n" not in str(e.value)
+        overrides = {"vocab_size": padded_vocab_size(MINI_VOCAB)}   # as recipes.train fills it
+    cfg = load_model_config(name, **overrides)
     assert cfg.name == name
     assert cfg.check() is cfg
     # model_config_to_dict / from_dict round-trip (used for checkpoint metadata).
@@ -184,6 +203,66 @@ def test_load_model_config_from_path(tmp_path: Path):
     cfg = load_model_config(str(p))
     assert (cfg.name, cfg.hidden_size, cfg.num_layers, cfg.vocab_size) == ("mine", 32, 1, 64)
     assert cfg.ffn_hidden_size == ModelConfig().ffn_hidden_size
+
+
+# ------------------------------------------------------------------------ vocabulary
+
+
+@pytest.mark.parametrize("tokens, tp, padded", [
+    (1, 1, 128), (4096, 1, 4096), (4097, 1, 4224), (151669, 1, 151680),
+    (4096, 2, 4096), (4097, 2, 4224),
+    (4096, 3, 4224), (100, 3, 384), (151669, 3, 151680),   # multiples of 384: of 128 and of 3
+    (4000, 8, 4096), (4096, 8, 4096), (4097, 8, 4224),   # 8 divides 128: no extra padding
+])
+def test_padded_vocab_size(tokens, tp, padded):
+    assert padded_vocab_size(tokens, tp) == padded
+
+
+@pytest.mark.parametrize("tp, step", [(1, 128), (2, 128), (3, 384), (8, 128)])   # step: lcm(128, tp)
+def test_padded_vocab_size_is_the_next_multiple(tp, step):
+    for tokens in [*range(1, 800), 4070, 151643, 151669]:
+        padded = padded_vocab_size(tokens, tp)
+        assert padded >= tokens and padded % step == 0, (tokens, tp)
+        assert padded - tokens < step, (tokens, tp)   # the next multiple, not a later one
+
+
+def composed(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("model", ["mini", "mini_moe"])
+def test_null_vocab_is_the_tokenizers_padded(mini_tokenizer_dir, tmp_path, model):
+    from data_pipeline.tokenizer import load_tokenizer
+    from recipes.train import settings_from
+
+    tokens = len(load_tokenizer(mini_tokenizer_dir))
+    s = settings_from(composed(f"model={model}", f"tokenizer={mini_tokenizer_dir}"))
+    assert s.model.vocab_size == tokens == 4096   # already a multiple of 128
+    s = settings_from(composed(f"model={model}", f"tokenizer={mini_tokenizer_dir}", "parallel.tp=3"))
+    assert s.model.vocab_size == 4224   # 11 x 384: splits over 3 TP ranks
+    # without tokenizer=, the data root's tokenizer/ is the one
+    (tmp_path / "tokenizer").symlink_to(mini_tokenizer_dir, target_is_directory=True)
+    s = settings_from(composed(f"model={model}", f"data.root={tmp_path}"))
+    assert s.model.vocab_size == 4096
+
+
+def test_set_vocab_needs_no_tokenizer(tmp_path):
+    from recipes.train import settings_from
+
+    s = settings_from(composed("model=mini", "model.vocab_size=1000", f"tokenizer={tmp_path / 'none'}"))
+    assert s.model.vocab_size == 1000   # taken as given: not read from, nor padded to, a tokenizer
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "data.root"])
+def test_null_vocab_without_tokenizer_is_one_clear_error(tmp_path, where):
+    missing = tmp_path / "nowhere"
+    message = config_error([sys.executable, "-m", "recipes.pretrain", "model=mini", f"{where}={missing}"])
+    expected = missing if where == "tokenizer" else missing / "tokenizer"
+    assert f"tokenizer directory {expected} does not exist" in message
+    assert "python -m data_pipeline.tokenizer" in message
 
 
 # ------------------------------------------------------------------- from_hf_config

@@ -6,6 +6,7 @@ import ast
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -127,8 +128,9 @@ def test_addition_problems_hold_out_and_work_the_columns(with_carries):
         user, assistant = r["messages"]
         assert user["content"] == f"What is {a}+{b}?" and r["reference"] == str(a + b)
         assert assistant["content"] == f"\\boxed{{{a + b}}}"
+        assert r["digits"] == 2
         units = assistant["reasoning_content"].splitlines()[0]
-        assert units == f"{a % 10}+{b % 10}={a % 10 + b % 10}"
+        assert units == f"{a % 10}+{b % 10}={a % 10 + b % 10}, {(a + b) % 10}"
 
 
 def test_carries():
@@ -145,5 +147,104 @@ def test_addition_problems_refuse_impossible_requests():
         addition_problems(2000, 2, seed=0, with_carries=False)
     with pytest.raises(ValueError, match="digits must be 1, 2 or 3"):
         addition_problems(10, 4, seed=0, with_carries=False)
-    with pytest.raises(ValueError, match="distinct 1-digit pairs exist"):
-        addition_problems(82, 1, seed=0)
+    # one digit means 0-9: 100 pairs, and a single digit class must not repeat them
+    assert len(addition_problems(100, 1, seed=0)) == 100
+    with pytest.raises(ValueError, match="only 100 distinct 1-digit pairs remain"):
+        addition_problems(101, 1, seed=0)
+    every_one_digit = {(a, b) for a in range(10) for b in range(10)}
+    with pytest.raises(ValueError, match="no 1-digit pairs remain outside `exclude`"):
+        addition_problems(5, [1, 2], seed=0, exclude=every_one_digit)
+    for digits in (0, [], [2, 0], {1: 1, "2": 1}):
+        with pytest.raises(ValueError, match="digits must be a positive integer"):
+            addition_problems(5, digits, seed=0)
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    (0, 0, "0+0=0, 0"),
+    (5, 7, "5+7=12, 12"),                                 # one column: its total in full
+    (47, 85, "7+5=12, 2\n4+8+1=13, 132"),                # carry into the last column
+    (123, 4, "3+4=7, 7\n2=2, 27\n1=1, 127"),              # unequal lengths, no carry
+    (95, 8, "5+8=13, 3\n9+1=10, 103"),                   # the final carry becomes a digit
+    (999, 1, "9+1=10, 0\n9+1=10, 00\n9+1=10, 1000"),      # a carry through every column
+])
+def test_column_sums_by_hand(a, b, expected):
+    from data_pipeline.corpus import column_sums
+
+    assert column_sums(a, b) == expected
+    assert column_sums(b, a).splitlines()[-1].endswith(f", {a + b}")
+
+
+def test_column_sums_tails_are_the_answer_so_far():
+    """Each line's tail is the sum's last i+1 digits; the last line's is the whole sum."""
+    from data_pipeline.corpus import column_sums
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b = rng.randrange(10 ** rng.randint(1, 5)), rng.randrange(10 ** rng.randint(1, 5))
+        lines = column_sums(a, b).splitlines()
+        assert len(lines) == max(len(str(a)), len(str(b)))
+        total = str(a + b)
+        for i, line in enumerate(lines):
+            work, tail = line.split(", ")
+            terms, result = work.split("=")
+            assert sum(map(int, terms.split("+"))) == int(result), line
+            assert tail == (total if i == len(lines) - 1 else total[-(i + 1):]), (a, b, line)
+
+
+def _size(pair) -> int:
+    a, b = pair
+    assert len(str(a)) == len(str(b)), pair   # both operands from one digit class
+    return len(str(a))
+
+
+def test_addition_problems_digit_mix_follows_the_weights():
+    from data_pipeline.corpus import addition_problems
+
+    n = 3000
+    rows = addition_problems(n, {1: 1, 2: 2, 3: 3}, seed=0)
+    assert len(rows) == n
+    sizes = Counter(_size(r["pair"]) for r in rows)
+    assert sizes == Counter(r["digits"] for r in rows)
+    # binomial spread at n=3000 is under 1 point; 3 points is > 4 sigma
+    for d, share in {1: 1 / 6, 2: 2 / 6, 3: 3 / 6}.items():
+        assert abs(sizes[d] / n - share) < 0.03, sizes
+    uniform = Counter(r["digits"] for r in addition_problems(1000, [1, 3], seed=0))
+    assert set(uniform) == {1, 3} and abs(uniform[1] - 500) < 80, uniform
+    for r in rows[:200]:
+        a, b = r["pair"]
+        assert r["reference"] == str(a + b) and r["messages"][0]["content"] == f"What is {a}+{b}?"
+
+
+def test_addition_problems_distinct_per_digit_class():
+    """Pairs repeat only in a class that has run out, and then only by whole rounds."""
+    from data_pipeline.corpus import addition_problems
+
+    rows = addition_problems(1000, [1, 2, 3], seed=3)
+    by_class: dict[int, Counter] = {}
+    for r in rows:
+        by_class.setdefault(r["digits"], Counter())[tuple(r["pair"])] += 1
+    ones = by_class[1]
+    drawn = sum(ones.values())
+    assert drawn > 100                                    # more than the 100 one-digit pairs
+    assert len(ones) == 100                               # each used before any repeats
+    assert max(ones.values()) <= -(-drawn // 100)         # no pair ahead of a round
+    for d in (2, 3):
+        assert max(by_class[d].values()) == 1, d
+
+
+def test_addition_problems_honour_exclude():
+    from data_pipeline.corpus import addition_problems
+
+    allowed_ones = {(1, 2), (3, 4), (0, 9), (7, 7), (9, 0)}
+    exclude = {(a, b) for a in range(10) for b in range(10)} - allowed_ones
+    exclude |= {(a, b) for a in range(10, 100) for b in range(10, 100) if (a + b) % 3}
+    rows = addition_problems(600, [1, 2], seed=0, exclude=exclude)
+    pairs = [tuple(r["pair"]) for r in rows]
+    assert not set(pairs) & exclude
+    assert {p for p in pairs if max(p) < 10} == allowed_ones   # the five left, repeated
+    # digits > 3 draws at random instead of listing: the same seed without its own
+    # first draws must find others
+    first = addition_problems(50, 4, seed=0)
+    again = addition_problems(50, 4, seed=0, exclude={tuple(r["pair"]) for r in first})
+    assert not {tuple(r["pair"]) for r in first} & {tuple(r["pair"]) for r in again}
+    assert all(1000 <= x <= 9999 for r in again for x in r["pair"])

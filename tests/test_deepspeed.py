@@ -160,7 +160,7 @@ def test_sft_stage_runs_on_deepspeed(tmp_path, qwen3_tokenizer_dir):
     runs = {}
     for backend in ("megatron", "deepspeed"):
         run([sys.executable, "-m", "recipes.sft", f"run.root={tmp_path / backend}", "run.name=arith",
-             f"sft.data.tokenizer={qwen3_tokenizer_dir}", f"sft.data.files=[{data}]", *SFT_ARGS,
+             f"tokenizer={qwen3_tokenizer_dir}", f"sft.data.files=[{data}]", *SFT_ARGS,
              f"trainer.backend={backend}", "deepspeed.zero_stage=2"], timeout=600)
         runs[backend] = tmp_path / backend / "arith" / "sft_cold_start"
     ds, ref = read_metrics(runs["deepspeed"]), read_metrics(runs["megatron"])

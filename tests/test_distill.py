@@ -1,27 +1,41 @@
 """Strong-to-weak distillation end to end on CPU: a smaller student learns from the
 arithmetic teacher, off-policy then on-policy.
 
-The teacher is the arithmetic cold-start model (tests/conftest.py: `tiny`, 4 layers,
-hidden 128, untied embeddings, trained by SFT on two-digit addition with its column sums
-as the reasoning). The student has half its layers (2) and narrower attention heads,
-starts from random weights and has never seen the task. The teacher answers 400 training
-prompts in thinking mode with its top-16 log-probs per token (recipes.generate); the
-student learns those off-policy (120 steps of 16 responses), then samples its own answers,
-which the teacher scores token by token (reverse KL, 8 steps). The stage's held-out
-evaluation (40 problems in no training set, greedy, one seed) measures the student's
-accuracy and its per-token KL to the teacher before the first off-policy update, after
-the last one, and after the last on-policy one.
+The teacher is the arithmetic cold-start model (tests/conftest.py: `mini`, 4 dense
+layers, hidden 128, untied, the mini tokenizer's 4,096 ids, trained by SFT on two-digit
+addition with its column sums as the reasoning). The student is what the small path
+distils into (hydra_conf/pipeline/mini_small.yaml): `mini_moe`, 8 experts top 2, here with
+half the teacher's layers (2) and narrower attention heads; it starts from random weights
+and has never seen the task. The teacher answers 400 training prompts greedily in thinking
+mode with its top-16 log-probs per token (recipes.generate); the student learns those
+off-policy (240 steps of 16 responses), then samples its own answers, which the teacher
+scores token by token (reverse KL, 8 steps). The stage's held-out evaluation (40 problems
+in no training set, greedy, one seed) measures the student's accuracy and its per-token KL
+to the teacher before the first off-policy update, after the last one, and after the last
+on-policy one.
 
-Measured (fresh clone, two test workers): teacher accuracy 0.675; student accuracy
-0 -> 0.75 -> 0.675, held-out KL 5.44 -> 0.033 -> 0.031 nats per token. The student's
-greedy answers can beat the teacher's: it learnt from the teacher's sampled responses, not
-its greedy ones. The on-policy phase does not add accuracy at this scale: 8 steps of 16
-samples are noisy, and at a higher learning rate (3e-4, 1e-3) the same phase cost
-accuracy (0.55, 0.525; measured with an earlier teacher that scored 0.85).
+Measured (QWEN3_TEST_SEED: data, initial weights and training seeds of the teacher and
+the student; accuracy before -> after off-policy -> after on-policy; KL in nats per token):
 
-The teacher's own accuracy moves with float rounding in its 150-step SFT (0.85 before
-the output layer was restricted to loss positions, 0.675 after, same data and seed), so
-the test asks of it what tests/test_sft.py asks of that model: at least 0.5.
+    seed  teacher  student accuracy   held-out KL
+    0     0.925    0 -> 1.0  -> 1.0   4.93 -> 0.0126 -> 0.0107
+    1     0.25     0 -> 0.3  -> 0.3   5.30 -> 0.0313 -> 0.0277
+    2     1.0      0 -> 1.0  -> 1.0   6.63 -> 0.0019 -> 0.0017
+    3     0.975    0 -> 0.95 -> 0.95  5.72 -> 0.0108 -> 0.0078
+
+The student ends within 0.075 of its teacher's accuracy at every seed, whatever the
+teacher's: it learns what the teacher knows, so its accuracy is asserted against the
+teacher's rather than against a fixed number. Its greedy answers can beat the teacher's:
+the teacher's greedy answers are on other problems, and the student also learnt the
+teacher's top-16 distribution at every token. The on-policy phase does not add accuracy at
+this scale: 8 steps of 16 samples are noisy, and at a higher learning rate (3e-4, 1e-3,
+measured on the full Qwen3 vocabulary) the same phase cost accuracy.
+
+The MoE student needs the 240 off-policy steps: at 120 it was still on the loss plateau
+where only the answer format is learnt at seed 0 (accuracy 0.025, KL 0.18; seed 3: 0.85),
+while the same student made dense (`mini`, 2 layers) reached 0.975 there (seed 3: 0.75).
+At 240 steps the dense student scores no better than the MoE one (seeds 0 and 3: 0.975,
+0.95), so the test takes the small path's architecture for about 10 s more.
 
 The other tests check the loss against plain torch at TP=2, the teacher-generation resume
 after a kill, and the configurations that must fail before launch.
@@ -37,13 +51,11 @@ import sys
 import pytest
 
 from recipes.run_log import read_metrics
-from tests.conftest import cli_error, config_error, python_module, run, torchrun, write_jsonl
+from tests.conftest import TEST_SEED, cli_error, config_error, python_module, run, torchrun, write_jsonl
 
-# Half the teacher's depth. Untied embeddings, like the teacher: with them tied, the
-# 151,936-row table that is also the output layer kept students of every size tried on
-# the loss plateau where only the format is learnt (0.85 nats per token after 120 steps).
-STUDENT = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384", "model.kv_channels=32",
-           "model.tie_word_embeddings=false"]
+# The small path's student architecture (a dense teacher distilled into an MoE), half the
+# teacher's depth and narrower heads, so that the student is the weaker model.
+STUDENT = ["model=mini_moe", "model.num_layers=2", "model.kv_channels=32"]
 
 
 # ---------------------------------------------------------------- the loss against plain torch
@@ -101,7 +113,7 @@ def generate(task, tokenizer, out, *overrides, check=True):
                          "sampling.seed=3", "progress=false", *overrides, check=check)
 
 
-def test_teacher_generation_resumes_after_a_kill(arith_task, qwen3_tokenizer_dir, tmp_path):
+def test_teacher_generation_resumes_after_a_kill(arith_task, mini_tokenizer_dir, tmp_path):
     """Sampled generation in both modes with top-k records, killed (SIGKILL) in the middle
     of writing a row, then restarted: the finished rows are kept, the rest generated, and
     the output and its records are byte for byte those of an uninterrupted run."""
@@ -110,12 +122,12 @@ def test_teacher_generation_resumes_after_a_kill(arith_task, qwen3_tokenizer_dir
     prompts = [json.loads(line) for line in (arith_task / "held.jsonl").read_text().splitlines()][:9]
     write_jsonl(arith_task / "gen_prompts.jsonl", prompts)
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
-    generate(arith_task, qwen3_tokenizer_dir, whole)
-    killed = generate(arith_task, qwen3_tokenizer_dir, resumed, "inject_kill_after_rows=7", check=False)
+    generate(arith_task, mini_tokenizer_dir, whole)
+    killed = generate(arith_task, mini_tokenizer_dir, resumed, "inject_kill_after_rows=7", check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     lines = resumed.read_text().split("\n")
     assert len(lines) == 8 and lines[-1] and not lines[-1].endswith("}")   # 7 rows and half of the 8th
-    generate(arith_task, qwen3_tokenizer_dir, resumed)
+    generate(arith_task, mini_tokenizer_dir, resumed)
     assert resumed.read_bytes() == whole.read_bytes()
     for a, b in zip(topk_paths(whole), topk_paths(resumed)):
         assert a.read_bytes() == b.read_bytes(), a.name
@@ -136,7 +148,7 @@ def distill(root, tokenizer, *overrides, check=True, timeout=1800):
 
 
 def distill_command(root, tokenizer, *overrides) -> list:
-    return ([sys.executable, "-m", "recipes.distill", f"run.root={root / 'runs'}", f"distill.data.tokenizer={tokenizer}",
+    return ([sys.executable, "-m", "recipes.distill", f"run.root={root / 'runs'}", f"tokenizer={tokenizer}",
                 "trainer.seq_length=64", "trainer.global_batch_size=16", "trainer.micro_batch_size=16",
                 "trainer.log_interval=1", "logging.progress=false", "logging.wandb.mode=disabled",
                 "distill.rollout.max_new_tokens=40", "distill.rollout.prompts_per_step=16", "distill.rollout.flags=false",
@@ -149,11 +161,11 @@ def distill_command(root, tokenizer, *overrides) -> list:
     ("teacher=null", "the on-policy phase needs the teacher in the job: set teacher="),
     ("distill.loss.divergence=kl9", "distill.loss.divergence='kl9' must be one of forward, reverse, jsd"),
     ("distill.rollout.prompts_per_step=8", "distill.rollout.prompts_per_step=8 must equal trainer.global_batch_size=16"),
-    ("model.vocab_size=151680", "the teacher's vocab_size=151936 differs from the student's model.vocab_size=151680"),
+    ("model.vocab_size=4224", "the teacher's vocab_size=4096 differs from the student's model.vocab_size=4224"),
 ])
-def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_dir, override, message):
+def test_bad_config_fails_before_launch(tmp_path, arith_task, mini_tokenizer_dir, override, message):
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 1+1?", "reference": "2"}])
-    args = (tmp_path, qwen3_tokenizer_dir, "stage=distill_on_policy", "stage.init_from=null",
+    args = (tmp_path, mini_tokenizer_dir, "stage=distill_on_policy", "stage.init_from=null", "model=mini",
             f"teacher={arith_task / 'base'}", f"distill.data.files=[{tmp_path / 'prompts.jsonl'}]", override)
     if not override.startswith("distill.teacher_parallel"):   # in this process: recipes.train.validate
         assert message in config_error(distill_command(*args))
@@ -164,15 +176,16 @@ def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_di
 
 # ---------------------------------------------------------------- the learning test
 
-TEACHER_PROMPTS, OFF_STEPS, ON_STEPS = 400, 120, 8
-LEARN = [*STUDENT, "distill.rollout.modes=[think]", "optim.warmup_steps=5", "trainer.log_interval=10"]
+TEACHER_PROMPTS, OFF_STEPS, ON_STEPS = 400, 240, 8
+LEARN = [*STUDENT, "distill.rollout.modes=[think]", "optim.warmup_steps=5", "trainer.log_interval=10",
+         f"seed={1234 + TEST_SEED}"]
 
 
 @pytest.fixture(scope="module")
-def teacher_data(arith_task, arith_cold_start, qwen3_tokenizer_dir):
+def teacher_data(arith_task, arith_cold_start, mini_tokenizer_dir):
     """The teacher's answers to the training prompts, with its top-16 log-probs, and the
     held-out problems in the RL prompt format. Think mode only: this teacher was never
-    taught to answer without its column sums (its no_think accuracy is 0/40), so its
+    taught to answer without its column sums (its no_think accuracy is 2/40 at seed 0), so its
     no_think answers would spend half the CPU budget teaching nothing about the task; the
     resume test above covers generating both modes."""
     from data_pipeline.corpus import addition_problems
@@ -180,11 +193,11 @@ def teacher_data(arith_task, arith_cold_start, qwen3_tokenizer_dir):
     root = arith_task / "distill"
     root.mkdir(exist_ok=True)
     held = [json.loads(line) for line in (arith_task / "held.jsonl").read_text().splitlines()]
-    train = addition_problems(TEACHER_PROMPTS, 2, seed=5, exclude={tuple(r["pair"]) for r in held},
+    train = addition_problems(TEACHER_PROMPTS, 2, seed=5 + 2 * TEST_SEED, exclude={tuple(r["pair"]) for r in held},
                               with_carries=False)
     write_jsonl(root / "prompts.jsonl", [{"messages": r["messages"][:1], "reference": r["reference"]} for r in train])
     write_jsonl(root / "held.jsonl", [{"messages": r["messages"][:1], "reference": r["reference"]} for r in held])
-    python_module("recipes.generate", f"checkpoint={arith_cold_start}", f"tokenizer={qwen3_tokenizer_dir}",
+    python_module("recipes.generate", f"checkpoint={arith_cold_start}", f"tokenizer={mini_tokenizer_dir}",
                   f"input={root / 'prompts.jsonl'}", f"output={root / 'teacher.jsonl'}", "modes=[think]",
                   "top_k_logprobs=16", "max_new_tokens=40", "batch_size=80", "progress=false", timeout=1200)
     with (root / "teacher.jsonl").open("a") as f:   # rows the reader must skip and count, not fail on
@@ -193,17 +206,17 @@ def teacher_data(arith_task, arith_cold_start, qwen3_tokenizer_dir):
     return root
 
 
-def test_student_learns_the_task_from_the_teacher(teacher_data, arith_cold_start, qwen3_tokenizer_dir):
+def test_student_learns_the_task_from_the_teacher(teacher_data, arith_cold_start, mini_tokenizer_dir):
     root = teacher_data
     common = [f"teacher={arith_cold_start}", f"distill.eval.files=[{root / 'held.jsonl'}]", "distill.eval.interval=0",
               "run.name=student", *LEARN]
-    off = distill(root, qwen3_tokenizer_dir, "stage=distill_off_policy", "stage.init_from=null",
+    off = distill(root, mini_tokenizer_dir, "stage=distill_off_policy", "stage.init_from=null",
                   f"distill.data.files=[{root / 'teacher.jsonl'}]", f"trainer.max_steps={OFF_STEPS}",
                   f"trainer.save_interval={OFF_STEPS}", "optim.lr=3e-3", "optim.min_lr=1e-3", *common)
     output = off.stdout + off.stderr
     assert (f"teacher data: {TEACHER_PROMPTS} responses, top-16 log-probs at temperature 1; skipped 2 rows "
             "(unreadable row or no token ids: 2)") in output
-    on = distill(root, qwen3_tokenizer_dir, "stage=distill_on_policy", f"distill.data.files=[{root / 'prompts.jsonl'}]",
+    on = distill(root, mini_tokenizer_dir, "stage=distill_on_policy", f"distill.data.files=[{root / 'prompts.jsonl'}]",
                  f"trainer.max_steps={ON_STEPS}", f"trainer.save_interval={ON_STEPS}", "optim.lr=1e-4",
                  "optim.min_lr=1e-4", *common)
     assert "initialised distill_on_policy from" in on.stdout + on.stderr
@@ -224,12 +237,14 @@ def test_student_learns_the_task_from_the_teacher(teacher_data, arith_cold_start
              "on_policy_kl": [round(last[k]["distill/kl"], 3) for k in sorted(last)]}
     (root / "distill_curve.json").write_text(json.dumps(curve))
     print(f"held-out (before, after off-policy, after on-policy): {curve}")
-    assert curve["teacher_accuracy"] >= 0.5   # the teacher knows the task (measured 0.675) ...
+    # The bars sit at least twice the spread over seeds 0-3 (module docstring) from seed 0's values.
+    assert curve["teacher_accuracy"] >= 0.5   # the teacher knows the task ...
     assert curve["accuracy"][0] == 0   # ... the student does not
-    # The best constant answer scores 0.1 on these 40 problems: 0.3 is three times that.
-    # Measured: 0 -> 0.75 after off-policy -> 0.675 after on-policy.
-    assert curve["accuracy"][1] >= 0.3 and curve["accuracy"][2] >= 0.3
-    # Measured: 5.44 -> 0.033 -> 0.031 nats per token.
-    assert curve["kl"][1] <= 0.1 * curve["kl"][0] and curve["kl"][2] <= 0.1 * curve["kl"][0]
-    # The on-policy phase keeps what the off-policy one reached (at lr 1e-3 it did not: 0.096).
+    # Student minus teacher: +0.075, +0.05, 0, -0.025 over the seeds, after either phase.
+    assert curve["accuracy"][1] >= curve["teacher_accuracy"] - 0.2
+    assert curve["accuracy"][2] >= curve["teacher_accuracy"] - 0.2
+    # KL after off-policy over before: 0.0026, 0.0059, 0.0003, 0.0019.
+    assert curve["kl"][1] <= 0.05 * curve["kl"][0] and curve["kl"][2] <= 0.05 * curve["kl"][0]
+    # The on-policy phase keeps what the off-policy one reached: after over before 0.85, 0.89,
+    # 0.92, 0.72 (on the full Qwen3 vocabulary at lr 1e-3 it did not).
     assert curve["kl"][2] <= 1.5 * curve["kl"][1]

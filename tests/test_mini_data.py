@@ -15,7 +15,8 @@ import pytest
 from data_pipeline import mini
 from tests.conftest import REPO, run
 
-SEED, PROBLEMS, HELD_OUT = 0, 400, 40
+# held out: as many of each size (1, 2 and 3 digits), so a multiple of 3
+SEED, PROBLEMS, HELD_OUT = 0, 400, 30
 TRAINING = ("cold_start", "rl_reasoning", "fusion", "rl_general", "distill_prompts")
 QUESTION = re.compile(r"What is (\d+)\+(\d+)\?")
 
@@ -39,6 +40,13 @@ def pair(row: dict) -> tuple[int, int]:
     return int(a), int(b)
 
 
+def size(row: dict) -> int:
+    """Digits of the operands of an addition row (both have as many)."""
+    a, b = pair(row)
+    assert len(str(a)) == len(str(b)), row
+    return len(str(a))
+
+
 def files_of(root: Path, paths: dict) -> list[Path]:
     """Every file behind the outputs (an indexed dataset: .bin and .idx)."""
     out = []
@@ -59,7 +67,7 @@ def test_every_output_exists_non_empty_and_is_listed(built):
     for f in files_of(root, paths):
         assert f.is_file() and f.stat().st_size > 0, f
     manifest = json.loads((root / mini.MANIFEST).read_text())
-    assert manifest["params"] == {"seed": SEED, "problems": PROBLEMS, "held_out": HELD_OUT}
+    assert manifest["params"] == {"seed": SEED, "problems": PROBLEMS, "held_out": HELD_OUT, "tokenizer": "mini"}
     assert {n: root / e["path"] for n, e in manifest["files"].items()} == paths
     for name, entry in manifest["files"].items():
         if entry["kind"] == "jsonl":
@@ -70,11 +78,11 @@ def test_every_output_exists_non_empty_and_is_listed(built):
 
 
 def test_stage_defaults_find_their_data(built):
-    """Every `${data.root}/...` default in the stage and pipeline configs resolves under the
-    root, except the teacher's generations, which the pipeline writes itself."""
+    """Every `${data.root}/...` default in the root, stage and pipeline configs resolves
+    under the root, except the teacher's generations, which the pipeline writes itself."""
     root, _ = built
     refs = set()
-    for cfg in sorted((REPO / "hydra_conf").glob("*/*.yaml")):
+    for cfg in sorted((REPO / "hydra_conf").rglob("*.yaml")):   # the tokenizer's is in config.yaml
         refs |= set(re.findall(r"\$\{data(?:\.|_)root\}/([\w./-]+)", cfg.read_text()))
     assert {"tokenizer", "sft/cold_start.jsonl", "rl/reasoning.jsonl", "eval/held.jsonl"} <= refs
     missing = [r for r in refs - {"distill/teacher.jsonl"} if not (root / r).exists()]
@@ -108,7 +116,8 @@ def test_references_are_the_sums(built):
             answer = r["messages"][-1]
             assert answer["role"] == "assistant" and answer["content"] == f"\\boxed{{{sum(pair(r))}}}", (name, r)
             if answer["reasoning_content"]:
-                assert answer["reasoning_content"].endswith(f"={sum(pair(r))}."), r
+                # the column sums' last line carries the whole answer
+                assert answer["reasoning_content"].splitlines()[-1].endswith(f", {sum(pair(r))}"), r
 
 
 def test_sft_rows_render(built):
@@ -132,7 +141,11 @@ def test_fusion_mixes_both_modes(built):
         else:
             assert r["kind"] == "thinking" and "/no_think" not in flags, r
         kinds[r["kind"], "/think" in flags] += 1
-    assert kinds["non_thinking", False] == PROBLEMS // 2
+    assert kinds["non_thinking", False] == PROBLEMS * 3 // 4   # a quarter thinking rows
+    # answered directly only where the model can without column sums; thinking: every size
+    sizes = {kind: Counter(size(r) for r in rows(paths["fusion"]) if r["kind"] == kind)
+             for kind in ("thinking", "non_thinking")}
+    assert set(sizes["non_thinking"]) == {1, 2} and set(sizes["thinking"]) == {1, 2, 3}, sizes
     assert kinds["thinking", True] > 0 and kinds["thinking", False] > 0   # some thinking rows unflagged
 
 
@@ -140,15 +153,17 @@ def test_general_rl_has_both_flags_and_rewards_per_mode(built):
     from data_pipeline.rl_data import reward_entries
 
     _, paths = built
-    modes = Counter()
+    modes, sizes = Counter(), Counter()
     for r in rows(paths["rl_general"]):
         text = r["messages"][-1]["content"]
         mode = "no_think" if text.endswith(" /no_think") else "think" if text.endswith(" /think") else None
         assert mode, r
         modes[mode] += 1
+        sizes[mode, size(r)] += 1
         names = [name for name, _, _ in reward_entries(r["reward"], r["reference"], r["messages"])]
         assert names == [{"think": "format_think", "no_think": "no_think"}[mode], "math"], r
     assert modes["think"] == modes["no_think"] == PROBLEMS // 2
+    assert not sizes["no_think", 3] and sizes["think", 3] > 0   # no three-digit sums without thinking
 
 
 def test_rl_reader_takes_every_row(built):
@@ -167,11 +182,14 @@ def test_pretraining_datasets_load(built):
 
     from data_pipeline.indexed import open_indexed
     from data_pipeline.preprocess import bucket_prefix
+    from data_pipeline.tokenizer import load_tokenizer
 
     root, _ = built
+    vocab = len(load_tokenizer(root / "tokenizer"))
+    assert vocab == 4096   # tokenized with the mini tokenizer, not Qwen3's 151,669 ids
     for name in ("general", "code", "math"):
         ds = open_indexed(root / name)
-        assert len(ds) > 100 and int(np.max(ds[0])) < 151_936
+        assert len(ds) > 100 and int(np.max(ds[0])) < vocab
     for lo, hi in zip(mini.LONG_BUCKETS, mini.LONG_BUCKETS[1:]):
         ds = open_indexed(bucket_prefix(root / "long", lo, hi))
         assert len(ds) > 0 and all(lo <= n < hi for n in ds.sequence_lengths)
@@ -205,7 +223,7 @@ def test_new_parameters_rewrite(built, tmp_path):
     shutil.copytree(built[0], root)   # copy2 keeps the mtimes
     paths = {n: root / p.relative_to(built[0]) for n, p in built[1].items()}
     before = mtimes(files_of(root, paths))
-    mini.write_mini_data(root, seed=SEED, problems=PROBLEMS + 10, held_out=HELD_OUT - 4, quiet=True)
+    mini.write_mini_data(root, seed=SEED, problems=PROBLEMS + 10, held_out=HELD_OUT - 3, quiet=True)
     after = mtimes(files_of(root, paths))
     problem_files = [paths[n] for n, (_, _, step) in mini.OUTPUTS.items() if step == "problems"]
     for f in problem_files + [root / mini.MANIFEST]:
@@ -214,7 +232,7 @@ def test_new_parameters_rewrite(built, tmp_path):
     assert all(after[f] == before[f] for f in before if f not in problem_files and f != root / mini.MANIFEST)
     for name in TRAINING:
         assert len(rows(paths[name])) == PROBLEMS + 10
-    assert len(rows(paths["eval_held"])) == HELD_OUT - 4
+    assert len(rows(paths["eval_held"])) == HELD_OUT - 3
     assert json.loads((root / mini.MANIFEST).read_text())["params"]["problems"] == PROBLEMS + 10
 
 
@@ -235,7 +253,7 @@ def test_new_seed_redoes_the_pretraining_data(built, tmp_path, monkeypatch):
         calls.append(("problems", seed))
         return real(r, seed, *args)
 
-    def tokenizer(r):
+    def tokenizer(r, kind):
         calls.append(("tokenizer", None))
         return {"tokenizer": "-"}
 
@@ -271,11 +289,41 @@ def test_crash_leaves_no_manifest_and_next_call_recovers(built, tmp_path, monkey
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"problems": 0}, "problems must be an integer >= 1"),
-    ({"held_out": 1.5}, "held_out must be an integer >= 1"),
-    ({"problems": 1950, "held_out": 40}, "only 1980 distinct 2-digit additions without carries"),
+    ({"problems": 1}, "problems must be an integer >= 2"),
+    ({"held_out": 1.5}, "held_out must be an integer >= 3"),
+    ({"held_out": 2}, "held_out must be an integer >= 3"),
+    ({"held_out": 40}, "held_out=40 must be a multiple of 3"),
+    # more than half the 100 one-digit pairs held out
+    ({"held_out": 153}, "held_out=153 must be a multiple of 3 .* of at most 150"),
+    ({"tokenizer": "gpt2"}, "tokenizer must be one of mini, qwen3, got 'gpt2'"),
 ])
 def test_bad_parameters_are_refused(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         mini.write_mini_data(tmp_path / "d", quiet=True, **kw)
     assert not (tmp_path / "d").exists()
+
+
+def test_held_out_is_stratified_over_sizes(built):
+    _, paths = built
+    held = rows(paths["eval_held"])
+    assert Counter(size(r) for r in held) == {1: HELD_OUT // 3, 2: HELD_OUT // 3, 3: HELD_OUT // 3}
+
+
+def test_thinking_budgets_step_up_with_the_sizes(built):
+    """0, then per size the fewest tokens that finish every held-out answer's thinking,
+    then no limit. Counted here without the chat renderer: <think> and </think> are
+    added tokens, so the thinking between them is tokenized on its own."""
+    from data_pipeline.corpus import column_sums
+    from data_pipeline.tokenizer import load_tokenizer
+
+    root, paths = built
+    tok = load_tokenizer(root / "tokenizer")
+    longest = Counter()
+    for r in rows(paths["eval_held"]):
+        a, b = pair(r)
+        thinking = len(tok.encode("\n" + column_sums(a, b) + "\n", add_special_tokens=False))
+        longest[size(r)] = max(longest[size(r)], thinking)
+    budgets = mini.thinking_budgets(root)
+    assert budgets == [0, longest[1] + 1, longest[2] + 1, longest[3] + 1, None]
+    # longer sums need longer thinking: the curve has a step per size
+    assert 0 < budgets[1] < budgets[2] < budgets[3]

