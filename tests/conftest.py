@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,9 @@ def pretrain_data(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     from data_pipeline.preprocess import preprocess
 
     def build(root):
+        # the tokenizer beside the data, where data.root's default `tokenizer` and the
+        # end-of-document id (data.eod_id: null) are read from
+        shutil.copytree(qwen3_tokenizer_dir, root / "tokenizer")
         files = write_corpus(root / "corpus", seed=0, scale=1)
         for name in ("general", "code", "math"):
             preprocess([files[name]], root / name, qwen3_tokenizer_dir, progress=False)
