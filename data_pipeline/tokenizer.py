@@ -304,14 +304,29 @@ def save_mini_tokenizer(out_dir, vocab: int = MINI_VOCAB, texts: list[str] | Non
                           overwrite)
 
 
+# Loaded tokenizers by (directory, its files' sizes and times): a stage asks for its
+# tokenizer in several places (the vocabulary size, validation, the data), and the real one
+# takes over a second to load. Callers only read them.
+_LOADED: dict[tuple, PreTrainedTokenizerFast] = {}
+
+
 def load_tokenizer(path) -> PreTrainedTokenizerFast:
-    """Load a local HF tokenizer directory (ours or a downloaded Qwen3) without the hub."""
+    """Load a local HF tokenizer directory (ours or a downloaded Qwen3) without the hub;
+    the same object again while the directory's files are unchanged."""
     p = Path(path)
     if not p.is_dir():
         raise ConfigError(f"tokenizer directory {p} does not exist; {_how_to_make(p)}")
-    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+    files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()))
+    if not any(name in _TOKENIZER_FILES for name, _, _ in files):
         raise ConfigError(f"{p} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
                           f"{_how_to_make(p)}")
+    key = (str(p.resolve()), files)
+    if key not in _LOADED:
+        _LOADED[key] = _load_tokenizer(p)
+    return _LOADED[key]
+
+
+def _load_tokenizer(p: Path) -> PreTrainedTokenizerFast:
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:

@@ -113,38 +113,19 @@ def _lm_loss(chunks, rows: torch.Tensor) -> float | None:
     return None if logp is None else float(-logp.double().mean())
 
 
-def _data_parallel_share(n: int) -> tuple[list[int], object]:
-    """(indices of `n` items this rank answers, gather) where gather(local results) returns
-    every item's result in order on every rank. The items are dealt over data-parallel
-    ranks, except under expert parallelism, whose all-to-alls span data-parallel ranks and
-    need the same forward calls on each: there every rank answers everything."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1 or parallel_state.get_expert_model_parallel_world_size() > 1:
-        return list(range(n)), lambda local: local
-    rank = parallel_state.get_data_parallel_rank()
-
-    def gather(local: list) -> list:
-        shares = [None] * dp
-        dist.all_gather_object(shares, local, group=parallel_state.get_data_parallel_group())
-        return [shares[i % dp][i // dp] for i in range(n)]
-
-    return list(range(rank, n, dp)), gather
-
-
 def _answers(chunks, tokenizer, items: list, mode: str, max_new_tokens: int, batch_size: int,
              budget_tokens: int | None = None) -> list[tuple[str, int, int]]:
     """(response text, response tokens, thinking tokens) per (row, messages) item, greedy,
     the items shared out over data-parallel ranks. Thinking is Qwen3's default, so
     think-mode prompts carry no flag; no_think ones end with /no_think."""
     from data_pipeline.fusion import in_mode
-    from recipes.generate import generate, prompt_ids, response_text, stop_ids, thinking_budget
+    from recipes.generate import (data_parallel_share, generate, prompt_ids, response_text, stop_ids,
+                                  thinking_budget)
 
     stop = stop_ids(tokenizer)
     budget = thinking_budget(tokenizer, budget_tokens)
-    mine, gather = _data_parallel_share(len(items))
+    ways, index, gather = data_parallel_share()
+    mine = list(range(index, len(items), ways))
     out = []
     for start in range(0, len(mine), batch_size):
         part = [items[i] for i in mine[start:start + batch_size]]
@@ -152,7 +133,8 @@ def _answers(chunks, tokenizer, items: list, mode: str, max_new_tokens: int, bat
                    for _, messages in part]
         gens = generate(chunks, prompts, max_new_tokens, stop, budget=budget, vocab_limit=len(tokenizer))
         out += [(response_text(tokenizer, g, stop), len(g.tokens), _thinking_tokens(tokenizer, g)) for g in gens]
-    return gather(out)
+    shares = gather(out)
+    return [shares[i % ways][i // ways] for i in range(len(items))]
 
 
 def _thinking_tokens(tokenizer, g) -> int:

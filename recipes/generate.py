@@ -457,7 +457,7 @@ def run_cli(cfg) -> int:
     written, size = 0, opts["batch_size"]
     batches = [b for b, start in enumerate(range(0, len(items), size)) if any(todo[start:start + size])]
     # Batches are dealt over data-parallel ranks; rank 0 writes them in order.
-    dp, dp_rank, gather = _batch_share()
+    dp, dp_rank, gather = data_parallel_share()
     with open(out_path, "a", encoding="utf-8") if rank0 else contextlib.nullcontext() as f:
         for first in range(0, len(batches), dp):
             wave = batches[first:first + dp]
@@ -511,10 +511,12 @@ def run_cli(cfg) -> int:
     return 0
 
 
-def _batch_share() -> tuple[int, int, object]:
-    """(data-parallel size, this rank's index, gather) for dealing batches over DP ranks:
-    gather(this rank's results) gives rank 0 every rank's, in rank order. Under expert
-    parallelism, whose all-to-alls span DP ranks, every rank takes every batch instead."""
+def data_parallel_share() -> tuple[int, int, object]:
+    """(ways, index, gather) for dealing generation work over the data-parallel ranks:
+    this rank takes every `ways`-th piece from `index`, and gather(this rank's results)
+    gives every rank's, in rank order, on every rank. Under expert parallelism, whose
+    all-to-alls span DP ranks and need the same forward calls on each, every rank takes
+    everything (ways 1)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -524,8 +526,8 @@ def _batch_share() -> tuple[int, int, object]:
     group = parallel_state.get_data_parallel_group()
 
     def gather(local):
-        shares = [None] * dp if parallel_state.get_data_parallel_rank() == 0 else None
-        dist.gather_object(local, shares, dst=dist.get_global_rank(group, 0), group=group)
+        shares = [None] * dp
+        dist.all_gather_object(shares, local, group=group)
         return shares
 
     return dp, parallel_state.get_data_parallel_rank(), gather

@@ -256,15 +256,17 @@ def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
     return Plan(name, run_dir, data_root, common, stages, conf, in_process, next(iter(worlds.values())))
 
 
-def _world_size(cfg: DictConfig) -> int:
-    """The ranks a stage launches with: trainer.nprocs, or what its layout needs."""
+def _layout_ranks(parallel: DictConfig) -> int:
+    """The fewest ranks a `parallel:` layout runs on."""
     from model.config import ParallelConfig, from_dict
     from model.parallel import minimum_world_size
 
-    if cfg.trainer.get("nprocs"):
-        return int(cfg.trainer.nprocs)
-    return minimum_world_size(from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True),
-                                        "parallel"))
+    return minimum_world_size(from_dict(ParallelConfig, OmegaConf.to_container(parallel, resolve=True), "parallel"))
+
+
+def _world_size(cfg: DictConfig) -> int:
+    """The ranks a stage launches with: trainer.nprocs, or what its layout needs."""
+    return int(cfg.trainer.nprocs) if cfg.trainer.get("nprocs") else _layout_ranks(cfg.parallel)
 
 
 def _check_stage(name: str, cfg: DictConfig) -> None:
@@ -393,15 +395,12 @@ def _eval(plan: Plan, cmd: list[str], log: Path) -> int:
     """The eval: in this process when the pipeline runs in process, or when it needs one
     rank (no interpreter start, no second import of torch and megatron-core per stage),
     otherwise as its own launch."""
-    from model.config import ParallelConfig, from_dict
-    from model.parallel import minimum_world_size
     from recipes import eval as evaluation
 
     cfg = _compose("eval", cmd[3:])
     if plan.in_process:
         return _here(lambda: evaluation.run_cli(cfg), log, "eval")
-    par = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
-    if minimum_world_size(par) > 1 or "WORLD_SIZE" in _LAUNCH_ENV:
+    if _layout_ranks(cfg.parallel) > 1 or "WORLD_SIZE" in _LAUNCH_ENV:
         return _run(cmd, log)
     try:
         return evaluation.run_cli(cfg)
