@@ -193,26 +193,34 @@ def mini_tokenizer_dir(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "mini_tokenizer", lambda root: save_mini_tokenizer(root / "mini"))
 
 
-@pytest.fixture(scope="session")
-def pretrain_data(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
-    """Generated corpus preprocessed with the real tokenizer: general/code/math datasets
+def _pretraining_data(root: Path, tokenizer_dir: Path) -> Path:
+    """The generated corpus preprocessed with `tokenizer_dir`: general/code/math datasets
     for S1/S2, and `long` split into length buckets [64,128) and [128,256) for the S3
     smoke (the real S3 buckets, 4K-16K and 16K-32K, scaled down 64x)."""
     from data_pipeline.corpus import write_corpus
     from data_pipeline.preprocess import preprocess
 
-    def build(root):
-        # the tokenizer beside the data, where data.root's default `tokenizer` and the
-        # end-of-document id (data.eod_id: null) are read from
-        shutil.copytree(qwen3_tokenizer_dir, root / "tokenizer")
-        files = write_corpus(root / "corpus", seed=0, scale=1)
-        for name in ("general", "code", "math"):
-            preprocess([files[name]], root / name, qwen3_tokenizer_dir, progress=False)
-        preprocess([files["long"]], root / "long", qwen3_tokenizer_dir, length_buckets=[64, 128, 256],
-                   progress=False)
-        return root
+    # the tokenizer beside the data, where data.root's default `tokenizer` and the
+    # end-of-document id (data.eod_id: null) are read from
+    shutil.copytree(tokenizer_dir, root / "tokenizer")
+    files = write_corpus(root / "corpus", seed=0, scale=1)
+    for name in ("general", "code", "math"):
+        preprocess([files[name]], root / name, tokenizer_dir, progress=False)
+    preprocess([files["long"]], root / "long", tokenizer_dir, length_buckets=[64, 128, 256], progress=False)
+    return root
 
-    return built_once(tmp_path_factory, "pretrain_data", build)
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """Pretraining data in the real tokenizer's 151,669 ids (`tiny`, `tiny_moe`)."""
+    return built_once(tmp_path_factory, "pretrain_data", lambda root: _pretraining_data(root, qwen3_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def mini_pretrain_data(tmp_path_factory, mini_tokenizer_dir) -> Path:
+    """The same pretraining data in the mini tokenizer's ids (`mini`: vocab_size null reads
+    the tokenizer under data.root), for the launch tests, whose point is not the vocabulary."""
+    return built_once(tmp_path_factory, "mini_pretrain_data", lambda root: _pretraining_data(root, mini_tokenizer_dir))
 
 
 def pretrain_command(run_root: Path, data_root: Path, *overrides, nprocs: int | None = None) -> list[str]:

@@ -73,20 +73,20 @@ def test_tp2_checkpoint_resumes_at_tp1(tmp_path, pretrain_data):
     assert moved[4] != moved[3]
 
 
-def test_nan_guard_skips_then_aborts(tmp_path, pretrain_data):
-    common = ["model=tiny", "trainer.max_steps=4", "trainer.save_interval=1", "precision=fp8_delayed"]
-    proc = pretrain(tmp_path / "skip", pretrain_data, *common, "trainer.inject_nan_at_steps=[2]")
+def test_nan_guard_skips_then_aborts(tmp_path, mini_pretrain_data):
+    common = ["model=mini", "trainer.max_steps=4", "trainer.save_interval=1", "precision=fp8_delayed"]
+    proc = pretrain(tmp_path / "skip", mini_pretrain_data, *common, "trainer.inject_nan_at_steps=[2]")
     # On CPU, FP8 cannot take effect: the run says so and trains in fp32.
     assert "precision=fp8_delayed needs Transformer Engine on a CUDA GPU" in proc.stderr
-    m = read_metrics(tmp_path / "skip" / "tiny" / "pretrain_s1")
+    m = read_metrics(tmp_path / "skip" / "mini" / "pretrain_s1")
     assert m[2]["skipped"] and m[2]["nan_steps"] == 1 and not m[3]["skipped"]
     assert all(m[s]["loss"] == m[s]["loss"] for s in (1, 3, 4))  # finite again after the skip
-    assert read_json(tmp_path / "skip" / "tiny" / "pretrain_s1" / "final.json")["step"] == 4
+    assert read_json(tmp_path / "skip" / "mini" / "pretrain_s1" / "final.json")["step"] == 4
 
-    proc = pretrain(tmp_path / "abort", pretrain_data, *common, "trainer.inject_nan_at_steps=[3]",
+    proc = pretrain(tmp_path / "abort", mini_pretrain_data, *common, "trainer.inject_nan_at_steps=[3]",
                     "trainer.nan_policy=abort", check=False)
     assert proc.returncode == 1
-    stage = tmp_path / "abort" / "tiny" / "pretrain_s1"
+    stage = tmp_path / "abort" / "mini" / "pretrain_s1"
     assert "aborting: 1 non-finite steps" in proc.stderr
     assert (stage / "latest").read_text().strip() == "iter_0000002"
     assert not (stage / "final.json").exists()

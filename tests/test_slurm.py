@@ -3,7 +3,9 @@
 tests/slurm/local_cluster.sh installs and starts slurmctld, slurmd and munge; the jobs go
 through the real templates (slurm/*.sbatch) and slurm/submit_pipeline.sh on the CPU smoke
 path: QWEN3_CPU=1 (gloo) and sbatch options that fit the node (2 tasks, no GPUs). Every job
-trains the tiny model at TP=2, so it only completes if srun's two tasks found each other.
+trains at TP=2, so it only completes if srun's two tasks found each other: the `mini` model
+on the mini tokenizer's data, except the slow time-limit test, whose stage must outlast the
+job's time limit and trains `tiny` at the full vocabulary.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ CLUSTER = REPO / "tests" / "slurm" / "local_cluster.sh"
 SUBMIT = REPO / "slurm" / "submit_pipeline.sh"
 # What the node has, in place of the templates' 8-GPU defaults.
 CPU_NODE = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"]
-STEPS = 6
-TRAIN = ["model=tiny", "parallel.tp=2", f"trainer.max_steps={STEPS}", "trainer.save_interval=100"]
+# Enough steps that the preemption test's signal, sent once step 2 is logged, lands well
+# before the last one (a `mini` step takes a fraction of a second).
+STEPS = 30
+TRAIN = ["parallel.tp=2", f"trainer.max_steps={STEPS}", "trainer.save_interval=100"]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE"}
 
 
-def overrides(run_root: Path, data_root: Path, *extra) -> list[str]:
-    """The tiny CPU training overrides the other pretraining tests use, for a template."""
-    cmd = pretrain_command(run_root, data_root, *TRAIN, *extra)
+def overrides(run_root: Path, data_root: Path, *extra, model: str = "mini") -> list[str]:
+    """The small CPU training overrides the other pretraining tests use, for a template."""
+    cmd = pretrain_command(run_root, data_root, f"model={model}", *TRAIN, *extra)
     return cmd[cmd.index("recipes.pretrain") + 1:]
 
 
@@ -113,17 +117,17 @@ def losses(stage_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="session")
-def plain_run(slurm, pretrain_data, tmp_path_factory) -> tuple[Path, dict, str]:
+def plain_run(slurm, mini_pretrain_data, tmp_path_factory) -> tuple[Path, dict, str]:
     """`sbatch slurm/pretrain_s1.sbatch <overrides>`, uninterrupted: (stage directory, job, log)."""
     root = tmp_path_factory.mktemp("slurm_plain")
     logs = root / "logs"
     logs.mkdir()
     job_id = slurm.sbatch(*CPU_NODE, f"--output={logs}/%x-%j.out", f"--error={logs}/%x-%j.err",
-                          "slurm/pretrain_s1.sbatch", *overrides(root, pretrain_data))
+                          "slurm/pretrain_s1.sbatch", *overrides(root, mini_pretrain_data))
     job = slurm.wait(job_id, logs=logs)
     text = log_text(logs, "pretrain_s1", job_id)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
-    return root / "tiny" / "pretrain_s1", job, text
+    return root / "mini" / "pretrain_s1", job, text
 
 
 def test_sbatch_template_trains_on_two_tasks(plain_run):
@@ -139,19 +143,19 @@ def test_sbatch_template_trains_on_two_tasks(plain_run):
     assert "tp: 2" in (stage / "config.yaml").read_text()
 
 
-def test_chain_with_preemption_and_requeue(slurm, pretrain_data, plain_run, tmp_path):
+def test_chain_with_preemption_and_requeue(slurm, mini_pretrain_data, plain_run, tmp_path):
     """S1 -> S2 through submit_pipeline.sh. S1 gets the time-limit warning mid-run (USR1 to
     the batch shell, as `--signal=B:USR1@...` sends it): it checkpoints, requeues itself and
     resumes, ending with the uninterrupted run's losses; S2 waits for it (afterok) and
     starts from its final checkpoint."""
     reference, _, _ = plain_run
-    logs = tmp_path / "tiny" / "slurm"
-    ids = slurm.pipeline("--to", "pretrain_s2", *CPU_NODE, "qwen3_pretrain", *overrides(tmp_path, pretrain_data),
+    logs = tmp_path / "mini" / "slurm"
+    ids = slurm.pipeline("--to", "pretrain_s2", *CPU_NODE, "qwen3_pretrain", *overrides(tmp_path, mini_pretrain_data),
                          "pretrain_s2:trainer.max_steps=3")
     s1, s2 = ids["pretrain_s1"], ids["pretrain_s2"]
     assert slurm.job(s2)["Dependency"] == f"afterok:{s1}(unfulfilled)"
 
-    stage = tmp_path / "tiny" / "pretrain_s1"
+    stage = tmp_path / "mini" / "pretrain_s1"
     deadline = time.time() + 300
     while 2 not in read_metrics(stage) and time.time() < deadline and slurm.job(s1).get("JobState") != "FAILED":
         time.sleep(0.2)
@@ -176,23 +180,23 @@ def test_chain_with_preemption_and_requeue(slurm, pretrain_data, plain_run, tmp_
     assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0"), s2_text[-4000:]
     assert datetime.fromisoformat(second["StartTime"]) >= datetime.fromisoformat(first["EndTime"])
     assert f"initialised pretrain_s2 from {stage}/checkpoints/iter_{STEPS:07d}" in s2_text
-    s2_losses = losses(tmp_path / "tiny" / "pretrain_s2")
+    s2_losses = losses(tmp_path / "mini" / "pretrain_s2")
     assert sorted(s2_losses) == [1, 2, 3]
     # Trained weights, not a fresh model: S2 starts below S1's first loss.
     assert s2_losses[1] < losses(stage)[1] - 0.3, (s2_losses, losses(stage))
 
 
-def test_bad_override_fails_in_job_and_cancels_dependent(slurm, pretrain_data, tmp_path):
-    logs = tmp_path / "tiny" / "slurm"
+def test_bad_override_fails_in_job_and_cancels_dependent(slurm, mini_pretrain_data, tmp_path):
+    logs = tmp_path / "mini" / "slurm"
     ids = slurm.pipeline("--to", "pretrain_s2", *CPU_NODE, "qwen3_pretrain",
-                         *overrides(tmp_path, pretrain_data, "parallel.tp=3"))
+                         *overrides(tmp_path, mini_pretrain_data, "parallel.tp=3"))
     s1, s2 = ids["pretrain_s1"], ids["pretrain_s2"]
     first = slurm.wait(s1, logs=logs)
     text = log_text(logs, "pretrain_s1", s1)
     assert (first["JobState"], first["ExitCode"]) == ("FAILED", "2:0"), text[-4000:]
     errors = {line for line in text.splitlines() if line.startswith("error: ")}
     assert len(errors) == 1 and "num_attention_heads=4 is not divisible by tp=3" in errors.pop(), text[-4000:]
-    assert not (tmp_path / "tiny" / "pretrain_s1" / METRICS_FILE).exists()
+    assert not (tmp_path / "mini" / "pretrain_s1" / METRICS_FILE).exists()
     second = slurm.wait(s2, logs=logs)
     assert second["JobState"] == "CANCELLED" and second["RunTime"] == "00:00:00"
     assert not log_text(logs, "pretrain_s2", s2)
@@ -268,7 +272,7 @@ def test_time_limit_warning_and_sigterm_requeue_and_scancel_stays_cancelled(slur
     logs.mkdir()
     job_id = slurm.sbatch(*CPU_NODE[:-1], "--time=3", "--signal=B:USR1@60", f"--output={logs}/%x-%j.out",
                           f"--error={logs}/%x-%j.err", "slurm/pretrain_s1.sbatch",
-                          *overrides(tmp_path, pretrain_data, f"trainer.max_steps={steps}"))
+                          *overrides(tmp_path, pretrain_data, f"trainer.max_steps={steps}", model="tiny"))
     stage = tmp_path / "tiny" / "pretrain_s1"
     slurm.release_requeued(job_id, logs)
 

@@ -24,6 +24,10 @@ from tests.conftest import read_json, torchrun
 from tests.workers.train import PICKED, PLAN
 
 RTOL = 2e-6
+# Grad norms: a sum of squares over every parameter, whose reduction order differs with the
+# layout (measured at TEST_VOCAB: 2.4e-6 at TP=2 with sequence parallelism, <= 5.4e-7
+# elsewhere); the losses, before and after the update, agree to RTOL.
+GRAD_RTOL = 1e-5
 # MoE layouts whose data-parallel size (micro-batches per rank) matches the reference's.
 SAME_DP_AS_REFERENCE = {"tp1", "ep2"}
 
@@ -38,8 +42,8 @@ def runs(tmp_path_factory):
 CASES = [(m, l, o) for m, layouts in PLAN.items() for l in layouts for o in ("plain", "distopt")]
 
 
-def close(a, b):
-    return math.isclose(a, b, rel_tol=RTOL)
+def close(a, b, rtol=RTOL):
+    return math.isclose(a, b, rel_tol=rtol)
 
 
 @pytest.mark.parametrize("model,layout,opt", CASES)
@@ -65,7 +69,7 @@ def test_layout_matches_reference(runs, model, layout, opt):
     assert close(got[0]["loss"], ref[0]["loss"]), (got[0], ref[0])
     if model == "tiny_moe" and layout not in SAME_DP_AS_REFERENCE:
         ref = runs[f"{model}/tp2/plain"]["steps"]  # the DP=1 group's reference
-    assert close(got[0]["grad_norm"], ref[0]["grad_norm"]), (got[0], ref[0])
+    assert close(got[0]["grad_norm"], ref[0]["grad_norm"], GRAD_RTOL), (got[0], ref[0])
     assert close(got[1]["loss"], ref[1]["loss"]), (got[1], ref[1])
 
 
@@ -86,6 +90,7 @@ def test_loss_positions_only_matches_the_full_projection(runs, layout):
     for a, b in zip(got, full):
         assert a["update_successful"] and math.isfinite(a["loss"]), a
         # Not 2e-6: the row with one loss position is a matrix-vector product, whose sums
-        # over the 151,936 vocabulary rows round differently (measured 2.2e-6 on the grad norm).
+        # over the vocabulary rows round differently (measured up to 1.3e-7 on the loss and
+        # 1.3e-5 on the grad norm, at TP=2 after the update).
         assert math.isclose(a["loss"], b["loss"], rel_tol=2e-5), (a, b)
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=2e-5), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=5e-5), (a, b)

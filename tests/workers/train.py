@@ -2,7 +2,9 @@
 
     torchrun --nproc-per-node 2 tests/workers/train.py --work DIR --out R.json
 
-For each model it first builds `tiny`/`tiny_moe` at the reference layout (TP=1, DP=2),
+For each model it first builds `tiny`/`tiny_moe` at the tests' small vocabulary
+(conftest.TEST_VOCAB: the layouts split the vocabulary the same way at any size, and
+the full 151,936 rows made this launch three minutes) at the reference layout (TP=1, DP=2),
 saves it with `model.checkpoint.save_model`, then for every layout and with the
 distributed optimizer off and on: loads that checkpoint, runs two optimizer steps on the
 same global batch through `recipes.engine.Engine.train_step`, and records the metrics.
@@ -25,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model.config import load_model_config  # noqa: E402
 from model.parallel import destroy_distributed, init_distributed, reset_model_parallel  # noqa: E402
+from tests.conftest import TEST_VOCAB  # noqa: E402
 from tests.workers.layouts import LAYOUTS  # noqa: E402
 
 GLOBAL_BATCH, SEQ = 4, 32
@@ -89,7 +92,7 @@ def main():
 
     results = {}
     for name, layouts in plan.items():
-        cfg = load_model_config(name)
+        cfg = load_model_config(name, vocab_size=TEST_VOCAB)
         ckpt = Path(args.work) / f"{name}_init"
         init_distributed(LAYOUTS["tp1"], seed=7, model=cfg)
         save_model(build_model(cfg, LAYOUTS["tp1"]), ckpt, cfg)
