@@ -31,7 +31,8 @@ def start(run_root, data_root, *overrides):
 def test_sigkill_resume_is_bit_exact(tmp_path, pretrain_data, model, dist_opt):
     common = [f"model={model}", f"trainer.max_steps={STEPS}", "trainer.save_interval=1",
               "trainer.micro_batch_size=2", f"optim.use_distributed_optimizer={str(dist_opt).lower()}"]
-    ref = start(tmp_path / "ref", pretrain_data, *common)
+    # the reference never saves: saving must not change what the victim computes either
+    ref = start(tmp_path / "ref", pretrain_data, *common, "trainer.save_interval=100")
     victim = start(tmp_path / "victim", pretrain_data, *common)
     stage = tmp_path / "victim" / model / "pretrain_s1"
     deadline = time.time() + 300

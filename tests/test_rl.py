@@ -155,6 +155,9 @@ def test_reasoning_rl_raises_held_out_reward(rl_data, skips_reasoning, mini_toke
     assert after >= before + 0.35
 
 
+# ~35 s; MoE training steps and their balance metrics are in the default suite
+# (test_train_step, test_moe_balance), this is their RL twin.
+@pytest.mark.slow
 def test_mini_moe_rl_logs_load_balance(tmp_path, mini_tokenizer_dir, rl_data):
     """Two optimizer minibatches from one rollout on the MoE model: load balance logged, and
     the second minibatch is off-policy (its importance ratio has left 1)."""

@@ -143,6 +143,9 @@ def test_sbatch_template_trains_on_two_tasks(plain_run):
     assert "tp: 2" in (stage / "config.yaml").read_text()
 
 
+# ~2 min of CPU; the default suite keeps the template, the afterok chain (through the
+# bad-override test) and test_resume's SIGKILL exact resume.
+@pytest.mark.slow
 def test_chain_with_preemption_and_requeue(slurm, mini_pretrain_data, plain_run, tmp_path):
     """S1 -> S2 through submit_pipeline.sh. S1 gets the time-limit warning mid-run (USR1 to
     the batch shell, as `--signal=B:USR1@...` sends it): it checkpoints, requeues itself and
