@@ -146,6 +146,8 @@ HF_VARIANTS = {
     "moe_nonorm": ("tiny_moe", torch.float32, {"moe_norm_topk_prob": False}),
     "dense_bf16": ("tiny", torch.bfloat16, {}),
     "moe_bf16": ("tiny_moe", torch.bfloat16, {}),
+    # tiny at its own 151,936 rows: the real vocabulary's parity and round trip
+    "dense_full_vocab": ("tiny", torch.float32, {"vocab_size": 151936}),
 }
 
 

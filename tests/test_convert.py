@@ -26,7 +26,7 @@ def to_hf(ckpt, out, *extra):
     return out
 
 
-@pytest.mark.parametrize("variant", ["dense_tied", "dense_untied", "moe", "dense_bf16", "moe_bf16"])
+@pytest.mark.parametrize("variant", ["dense_tied", "dense_untied", "moe", "dense_bf16", "moe_bf16", "dense_full_vocab"])
 def test_round_trip_is_bitwise(hf_dirs, converted, tmp_path, variant):
     out = to_hf(converted[variant], tmp_path / "back")
     assert_same_tensors(hf_dirs[variant], out)

@@ -26,6 +26,7 @@ CASES = {  # HF variant -> layouts
     "moe_nonorm": ["tp1", "ep2"],
     "dense_bf16": ["tp1", "tp2"],
     "moe_bf16": ["tp1", "ep2"],
+    "dense_full_vocab": ["tp1", "tp2"],   # the others run at conftest.TEST_VOCAB
 }
 
 
@@ -41,8 +42,8 @@ def parity(hf_dirs, converted, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant,layout", [(v, l) for v in ("dense_tied", "dense_untied", "moe", "moe_nonorm")
-                                            for l in CASES[v]])
+@pytest.mark.parametrize("variant,layout", [(v, l) for v in ("dense_tied", "dense_untied", "moe", "moe_nonorm",
+                                                                "dense_full_vocab") for l in CASES[v]])
 def test_float32_logits_match_hf(parity, variant, layout):
     m = parity[variant][layout]
     assert m["rel_diff"] <= FP32_GATE, m

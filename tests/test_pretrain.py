@@ -10,10 +10,9 @@ import json
 import math
 
 import pytest
-
-from recipes.run_log import read_metrics
 from omegaconf import OmegaConf
 
+from recipes.run_log import read_metrics
 from tests.conftest import pretrain, read_json
 
 STEPS = {"pretrain_s1": 10, "pretrain_s2": 3, "pretrain_s3": 3}
