@@ -244,11 +244,24 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
 
 
 def reset_model_parallel() -> None:
-    """Drop megatron-core's parallel state but keep the process group, so that the same
-    processes can initialise another layout (tests, and tools that compare layouts)."""
+    """Drop megatron-core's parallel state and its process groups but keep the default
+    one, so that the same processes can initialise another layout (tests, tools that
+    compare layouts, and the in-process pipeline's stages, evals and generations)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
+    # destroy_model_parallel only forgets its groups: torch.distributed keeps them alive,
+    # each gloo group with threads of its own. Late in a miniature pipeline (every stage,
+    # eval and generation a new layout) a rank had 1,137 threads, whose polling took as
+    # much CPU as its training thread. megatron-core keeps no public list of the groups
+    # this rank is in; its own update_pg_timeout reads this one (None: the default group).
+    groups = [g for g in getattr(parallel_state, "_global_process_group_list", None) or [] if g is not None]
     parallel_state.destroy_model_parallel()
+    for group in groups:
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:   # one destroy_model_parallel destroyed itself (its gloo DP groups)
+            pass
 
 
 def destroy_distributed() -> None:
@@ -261,7 +274,7 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        reset_model_parallel()
     if dist.is_initialized() and _OWN_PROCESS_GROUP:
         dist.destroy_process_group()
         _OWN_PROCESS_GROUP = False
