@@ -9,6 +9,7 @@ megatron-core's parallel state for every entry point (training, conversion, test
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import socket
@@ -221,6 +222,10 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
 
         cpu_compat.activate()
 
+    # The layout before this one (reset_model_parallel) destroyed its process groups, but a
+    # gloo group's threads end only when its last holder is freed: that layout's models and
+    # optimizers, which hold theirs in reference cycles that outlive their callers' frames.
+    gc.collect()
     global _OWN_PROCESS_GROUP
     if not dist.is_initialized():
         start_process_group(timeout_minutes)
@@ -262,6 +267,13 @@ def reset_model_parallel() -> None:
             dist.destroy_process_group(group)
         except ValueError:   # one destroy_model_parallel destroyed itself (its gloo DP groups)
             pass
+    # The rotary embeddings memoise forward() on (module, length, ..., cp_group), up to 32
+    # entries: each finished layout's context-parallel group would live on in the cache.
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    for rotary in (RotaryEmbedding, YarnRotaryEmbedding):
+        rotary.forward.cache_clear()
 
 
 def destroy_distributed() -> None:

@@ -9,6 +9,7 @@ not). Stages differ only in the batches they feed and the `loss_fn` they pass.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -19,6 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.utils import get_attr_wrapped_model
 
@@ -125,6 +127,23 @@ def expert_load_ratio(chunks) -> torch.Tensor | None:
     return torch.stack(ratios).max() if ratios else None
 
 
+def drop_routing_graphs(chunks) -> None:
+    """Forget the autograd graphs that megatron-core's MoE token dispatchers keep from the
+    last forward (the routing probabilities), once the step's backward is done.
+
+    Such a graph reaches the router weights' grad-accumulator nodes, whose DDP hooks hold
+    the model: a cycle through autograd's C++ objects that Python's gc cannot free. Kept,
+    every MoE engine (weights, optimizer state, and process groups whose gloo threads keep
+    polling) lived until the process ended. The next forward sets them again.
+    """
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer) and module.token_dispatcher is not None:
+                state = vars(module.token_dispatcher)
+                for name in [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.grad_fn is not None]:
+                    state[name] = None
+
+
 class MoEMetrics:
     """Per-step MoE metrics, shared by both engines (they provide model_cfg, chunks,
     steps and _load_ratio)."""
@@ -194,6 +213,8 @@ class Engine(MoEMetrics):
             micro_batch_size=micro.shape[0],
             forward_only=False,
         )
+        if self.model_cfg.is_moe:
+            drop_routing_graphs(self.chunks)
         device = next(self.chunks[0].parameters()).device
         means = _global_means(losses, device, self.report_keys)
         loss = means.pop("lm loss")
@@ -275,9 +296,15 @@ def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig
         ddp_chunks,
     )
     engine = Engine(model_cfg, par, ddp_chunks, optimizer, lr_scheduler(optimizer, optim, max_steps or 1))
+    # Weak references: the model's config is reachable from the grad-accumulator hooks that
+    # megatron-core's DDP registers, which autograd holds where Python's gc cannot see. A
+    # strong reference from the config to the engine or its optimizer closes a cycle gc never
+    # frees, and every engine (weights, optimizer state, buffers, and process groups whose
+    # gloo threads keep polling) lived until the process ended.
+    engine_ref = weakref.ref(engine)
     config = ddp_chunks[0].config
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = engine.finalize_grads
+    config.grad_scale_func = lambda loss: engine_ref().optimizer.scale_loss(loss)
+    config.finalize_model_grads_func = lambda *args, **kwargs: engine_ref().finalize_grads(*args, **kwargs)
     return engine
 
 

@@ -12,11 +12,14 @@ For `tiny` it then trains on a partly masked batch with the output layer at the 
 positions only, at the layouts in PICKED, against the full projection at the reference.
 It also checks that weights replicated across TP ranks (RMSNorm and QK-norm weights)
 are still identical after the update: if their gradients were not reduced over TP
-(Megatron-LM #816 for QK-norm), the replicas drift apart.
+(Megatron-LM #816 for QK-norm), the replicas drift apart. At the end it records rank 0's
+thread count, which shows whether the finished layouts' engines and process groups are gone.
 """
 
 import argparse
+import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +121,10 @@ def main():
         for layout, picked in [("tp1", False), *((layout, True) for layout in PICKED)]:
             results[f"{name}/{layout}/{'picked' if picked else 'masked'}"] = two_steps(layout, masked(batch),
                                                                                         picked=picked)
+    # Every layout above is over (reset_model_parallel) and unreferenced; once collected,
+    # nothing of theirs should keep running.
+    gc.collect()
+    results["threads_at_end"] = len(os.listdir("/proc/self/task"))
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     destroy_distributed()
