@@ -80,6 +80,14 @@ def torchrun(script: str, *args, nprocs: int = 2, timeout: int = 900) -> subproc
                 f"--nproc-per-node={nprocs}", str(REPO / script), *map(str, args)], timeout=timeout)
 
 
+def parity(hf_dirs: dict, converted: dict, cases: dict, out: Path, nprocs: int = 2) -> dict:
+    """{variant: {layout: metrics}} of tests/workers/parity.py for `cases` ({variant:
+    [layout, ...]}), in one torchrun launch."""
+    args = [a for v, layouts in cases.items() for a in ("--case", v, hf_dirs[v], converted[v], ",".join(layouts))]
+    torchrun("tests/workers/parity.py", "--out", out, *args, nprocs=nprocs)
+    return read_json(out)
+
+
 def cli_error(proc: subprocess.CompletedProcess) -> str:
     """The one `error:` line a stage command stopped with before launching (exit code 2)."""
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -164,10 +172,12 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def converted(hf_dirs, tmp_path_factory) -> dict[str, Path]:
-    """Each HF variant converted by the CLI at TP=PP=EP=1."""
+    """Each HF variant converted by the CLI's entry point at TP=PP=EP=1, all in one process
+    (one interpreter start each cost about 6 s)."""
     def build(root):
-        for name, hf in hf_dirs.items():
-            python_module("model.convert", "hf-to-mcore", "--hf-dir", hf, "--out", root / name)
+        calls = [["hf-to-mcore", "--hf-dir", str(hf), "--out", str(root / name)] for name, hf in hf_dirs.items()]
+        run([sys.executable, "-c", "import sys\nfrom model.convert import main\n"
+             f"sys.exit(max(main(argv) for argv in {calls!r}))"])
         return root
 
     root = built_once(tmp_path_factory, "mcore", build)

@@ -4,17 +4,17 @@ import math
 
 import pytest
 
-from tests.conftest import read_json, torchrun
+from tests.conftest import parity, read_json, torchrun
 
 pytestmark = pytest.mark.slow
 
 
 def test_parity_at_four_ranks(hf_dirs, converted, tmp_path):
-    for variant, layouts in (("dense_untied", ["tp2pp2"]), ("moe", ["tp2pp2", "pp2ep2"])):
-        out = tmp_path / f"{variant}.json"
-        torchrun("tests/workers/parity.py", "--hf-dir", hf_dirs[variant], "--ckpt", converted[variant],
-                 "--out", out, *layouts, nprocs=4)
-        for layout, m in read_json(out).items():
+    cases = {"dense_untied": ["tp2pp2"], "moe": ["tp2pp2", "pp2ep2"]}
+    results = parity(hf_dirs, converted, cases, tmp_path / "r.json", nprocs=4)
+    for variant, layouts in cases.items():
+        assert sorted(results[variant]) == sorted(layouts), results
+        for layout, m in results[variant].items():
             assert m["rel_diff"] <= 1e-4 and m["top1_agreement"] == 1.0, (variant, layout, m)
 
 

@@ -7,7 +7,7 @@ Run with `make test-all` on a GPU machine.
 import pytest
 import torch
 
-from tests.conftest import read_json, torchrun
+from tests.conftest import parity
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Transformer Engine")]
@@ -22,9 +22,6 @@ def test_te_spec_is_selected():
 @pytest.mark.parametrize("variant,gate", [("dense_untied", 1e-3), ("moe", 1e-3), ("dense_bf16", 5e-2),
                                           ("moe_bf16", 5e-2)])
 def test_te_logits_match_hf(hf_dirs, converted, tmp_path, variant, gate):
-    out = tmp_path / "r.json"
-    torchrun("tests/workers/parity.py", "--hf-dir", hf_dirs[variant], "--ckpt", converted[variant],
-             "--out", out, "tp1", nprocs=1)
-    m = read_json(out)["tp1"]
+    m = parity(hf_dirs, converted, {variant: ["tp1"]}, tmp_path / "r.json", nprocs=1)[variant]["tp1"]
     assert m["rel_diff"] <= gate, m
     assert m["top1_agreement"] >= 0.95, m

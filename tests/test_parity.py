@@ -2,7 +2,8 @@
 
 Reference: transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM with random weights,
 converted by `python -m model.convert` and run through `model.compare_hf.compare` (the
-same code as `python -m model.compare_hf`) under torchrun with 2 CPU processes.
+same code as `python -m model.compare_hf`) under torchrun with 2 CPU processes, every
+variant and layout in one launch.
 
 Gates. float32: max |Δlogit| <= 1e-4 * max |logit| and identical greedy tokens.
 bfloat16: both sides compute in bf16 with different kernels and reduction orders, and
@@ -12,7 +13,7 @@ per-token cosine >= 0.999 and >= 95% identical greedy tokens.
 
 import pytest
 
-from tests.conftest import read_json, torchrun
+from tests.conftest import parity
 
 FP32_GATE = 1e-4
 BF16_GATE, BF16_COSINE, BF16_TOP1 = 5e-2, 0.999, 0.95
@@ -31,21 +32,15 @@ CASES = {  # HF variant -> layouts
 
 
 @pytest.fixture(scope="module")
-def parity(hf_dirs, converted, tmp_path_factory):
-    """{variant: {layout: metrics}}, one torchrun launch per variant."""
-    out = {}
-    for variant, layouts in CASES.items():
-        result = tmp_path_factory.mktemp("parity") / f"{variant}.json"
-        torchrun("tests/workers/parity.py", "--hf-dir", hf_dirs[variant], "--ckpt", converted[variant],
-                 "--out", result, *layouts)
-        out[variant] = read_json(result)
-    return out
+def results(hf_dirs, converted, tmp_path_factory):
+    """{variant: {layout: metrics}}, every case in one torchrun launch."""
+    return parity(hf_dirs, converted, CASES, tmp_path_factory.mktemp("parity") / "parity.json")
 
 
 @pytest.mark.parametrize("variant,layout", [(v, l) for v in ("dense_tied", "dense_untied", "moe", "moe_nonorm",
                                                                 "dense_full_vocab") for l in CASES[v]])
-def test_float32_logits_match_hf(parity, variant, layout):
-    m = parity[variant][layout]
+def test_float32_logits_match_hf(results, variant, layout):
+    m = results[variant][layout]
     assert m["rel_diff"] <= FP32_GATE, m
     assert m["top1_agreement"] == 1.0, m
     # Guard against a vacuous pass: the reference logits must not be all zeros.
@@ -53,8 +48,8 @@ def test_float32_logits_match_hf(parity, variant, layout):
 
 
 @pytest.mark.parametrize("variant,layout", [(v, l) for v in ("dense_bf16", "moe_bf16") for l in CASES[v]])
-def test_bfloat16_logits_match_hf(parity, variant, layout):
-    m = parity[variant][layout]
+def test_bfloat16_logits_match_hf(results, variant, layout):
+    m = results[variant][layout]
     assert m["rel_diff"] <= BF16_GATE, m
     assert m["cosine"] >= BF16_COSINE, m
     assert m["top1_agreement"] >= BF16_TOP1, m

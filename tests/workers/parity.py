@@ -1,9 +1,10 @@
-"""torchrun worker: logits parity of one converted checkpoint against HF at several layouts.
+"""torchrun worker: logits parity of converted checkpoints against HF at several layouts.
 
-    torchrun --nproc-per-node 2 tests/workers/parity.py --hf-dir D --ckpt C --out R.json tp1 tp2 pp2 ep2
+    torchrun --nproc-per-node 2 tests/workers/parity.py --out R.json \
+        --case NAME HF_DIR CKPT tp1,tp2,pp2 [--case ...]
 
-Writes {layout: metrics} from the reporting rank. One process group serves every
-layout, so the (slow) interpreter start is paid once for all of them.
+Writes {name: {layout: metrics}} from the reporting ranks. One process group serves every
+case and layout, so the (slow) interpreter start is paid once for all of them.
 """
 
 import argparse
@@ -20,27 +21,28 @@ from tests.workers.layouts import LAYOUTS  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("layouts", nargs="+")
+    p.add_argument("--case", nargs=4, action="append", required=True, metavar=("NAME", "HF_DIR", "CKPT", "LAYOUTS"),
+                   help="an HF directory, its converted checkpoint, and comma-separated layouts")
     args = p.parse_args()
     from model.checkpoint import read_model_config
 
-    cfg = read_model_config(args.ckpt)
-    tokens = sample_tokens(cfg.vocab_size, batch=2, seq=24, seed=1)
     results = {}
-    for name in args.layouts:
-        metrics = compare(args.hf_dir, args.ckpt, LAYOUTS[name], tokens)
-        if metrics is not None:
-            results[name] = metrics
-        reset_model_parallel()
+    for name, hf_dir, ckpt, layouts in args.case:
+        cfg = read_model_config(ckpt)
+        tokens = sample_tokens(cfg.vocab_size, batch=2, seq=24, seed=1)
+        results[name] = {}
+        for layout in layouts.split(","):
+            metrics = compare(hf_dir, ckpt, LAYOUTS[layout], tokens)
+            if metrics is not None:
+                results[name][layout] = metrics
+            reset_model_parallel()
     import torch.distributed as dist
 
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
-        merged = {k: v for part in gathered for k, v in part.items()}
+        merged = {name: {k: v for part in gathered for k, v in part[name].items()} for name in results}
         Path(args.out).write_text(json.dumps(merged, indent=2))
     destroy_distributed()
 
