@@ -7,10 +7,14 @@ know the architecture.
 
 Saves are atomic: everything is written to `<dir>.tmp` and renamed into place only
 once complete, so a crash never leaves a half-written checkpoint under the real name.
+The last file written before the rename is `manifest.json`: every other file's size and
+SHA-256, so that damage done later (a truncated copy, a failing disk) is found before a
+resume trusts the checkpoint (`verify_manifest`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +36,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from model.config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_dict
 
 MODEL_CONFIG_FILE = "qwen3_model.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -88,11 +93,73 @@ def save_sharded(sharded_sd: dict, ckpt_dir: str | Path, model_cfg: ModelConfig,
     if _rank() == 0:
         meta = {"model": model_config_to_dict(model_cfg), **(extra or {})}
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _barrier()
+    write_manifest(tmp)
+    if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     _barrier()
     return final
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checksums(root: Path, names: list[str]) -> dict[str, str]:
+    """Collective when torch.distributed is up: the files' SHA-256, each rank hashing every
+    world-size-th file, so that a multi-TB checkpoint costs each rank its share of the
+    reading, not rank 0 all of it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {name: _sha256(root / name) for name in names[rank::world]}
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def write_manifest(directory: str | Path) -> None:
+    """Collective: record every file under `directory` (size, SHA-256) in its manifest,
+    written by rank 0 atomically. Call it on the complete `.tmp` directory, before the
+    rename that publishes it."""
+    root = Path(directory)
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    digests = _checksums(root, names)
+    if _rank() == 0:
+        files = {name: {"size": (root / name).stat().st_size, "sha256": digests[name]} for name in names}
+        tmp = root / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+        os.replace(tmp, root / MANIFEST_FILE)
+    _barrier()
+
+
+def verify_manifest(directory: str | Path, checksums: bool = True) -> str | None:
+    """Why the checkpoint in `directory` does not match its manifest (None when it does, or
+    when it has none: written before manifests, or by another tool). Sizes first, which is
+    cheap and what a truncated copy shows; then, with `checksums`, the contents, which is
+    collective when torch.distributed is up (every rank must call it)."""
+    root = Path(directory)
+    try:
+        files = json.loads((root / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, entry in sorted(files.items()):
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes where {entry['size']} were written"
+    if checksums:
+        digests = _checksums(root, sorted(files))
+        for name in sorted(files):
+            if digests[name] != files[name]["sha256"]:
+                return f"{name} does not match its checksum"
+    return None
 
 
 def load_model(chunks, ckpt_dir: str | Path) -> None:

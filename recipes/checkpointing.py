@@ -9,7 +9,9 @@ Layout of a stage's run directory::
 A checkpoint directory is complete or absent: it is written as `iter_N.tmp` and renamed
 (model.checkpoint.save_sharded). `latest` is replaced atomically only after that rename,
 and old checkpoints are pruned only after `latest` moved on, so a crash at any instant
-leaves a loadable `latest`. The model weights inside are global tensors, so a checkpoint
+leaves a loadable `latest`. Each carries a manifest of its files' sizes and checksums;
+a resume takes the newest checkpoint that still matches it (`resume_point`) and renames a
+damaged newer one to `iter_N.damaged`. The model weights inside are global tensors, so a checkpoint
 loads at any TP/PP/EP layout; so does the optimizer state (megatron-core's
 model-space sharding of it).
 
@@ -34,7 +36,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from model.checkpoint import apply_model_state, is_checkpoint, load_model, model_sharded_state_dict, save_sharded
+from model.checkpoint import (apply_model_state, is_checkpoint, load_model, model_sharded_state_dict, save_sharded,
+                              verify_manifest, write_manifest)
 from model.config import ConfigError
 from model.ds_convert import is_deepspeed_checkpoint, load_deepspeed_weights
 
@@ -83,6 +86,64 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
             return candidate
     found = complete_checkpoints(stage_dir)
     return found[-1] if found else None
+
+
+def resume_point(stage_dir: Path, report=None) -> Path | None:
+    """The checkpoint a stage resumes from: the newest whose files match its manifest
+    (`latest` first), or None when the stage has none.
+
+    Before launch (`report` None) only sizes are compared and nothing is renamed: every
+    rank of a job may be checking at once. In the job (`report` given; collective) the
+    contents are checked too, damaged newer checkpoints are renamed to `iter_N.damaged`
+    (never deleted), `latest` is pointed at the one used, and `report` gets one line. When
+    checkpoints exist and none matches, ConfigError names them and nothing is renamed.
+    """
+    stage_dir = Path(stage_dir)
+    latest = latest_checkpoint(stage_dir)
+    order = ([latest] if latest else []) + [c for c in reversed(complete_checkpoints(stage_dir)) if c != latest]
+    damaged = []
+    for candidate in order:
+        problem = verify_manifest(candidate, checksums=report is not None)
+        if problem is None:
+            break
+        damaged.append(f"{candidate.name} ({problem})")
+    else:
+        if damaged:
+            raise ConfigError(f"no checkpoint of {stage_dir} matches its manifest: {'; '.join(damaged)}; "
+                              "nothing was renamed: restore one, or move them aside to start the stage again")
+        return None
+    if damaged and report is not None:
+        if dist.get_rank() == 0:
+            for bad in order[:len(damaged)]:
+                os.replace(bad, _aside(bad))
+            write_atomic(stage_dir / LATEST, candidate.name + "\n")
+        dist.barrier()
+        report(f"damaged checkpoint {'; '.join(damaged)} renamed to *.damaged; resuming from {candidate.name}")
+    return candidate
+
+
+def _aside(path: Path) -> Path:
+    """A free `<name>.damaged[.N]` beside `path`."""
+    target, n = path.with_name(path.name + ".damaged"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.damaged.{n}"), n + 1
+    return target
+
+
+def schedule_change(ckpt_dir: Path, optim, max_steps: int) -> str | None:
+    """What in the LR schedule `optim` and `max_steps` ask for differs from the one the
+    Megatron checkpoint was trained with (None when nothing does, or the checkpoint holds
+    no schedule). megatron-core keeps the checkpoint's on resume, silently."""
+    if not is_checkpoint(ckpt_dir):
+        return None
+    saved = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("train_state", {}).get("scheduler")
+    if not saved:
+        return None
+    warmup, decay = optim.schedule(max_steps)
+    wanted = {"max_lr": optim.lr, "min_lr": optim.min_lr, "lr_warmup_steps": warmup, "lr_decay_steps": decay,
+              "lr_decay_style": optim.decay_style}
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v]
+    return ", ".join(changed) or None
 
 
 def final_checkpoint(stage_dir: Path) -> Path:
@@ -220,6 +281,7 @@ def _save_engine_state(engine, final: Path, train_state: dict) -> Path:
     dist.barrier()
     engine.save_state(tmp, train_state)
     dist.barrier()
+    write_manifest(tmp)
     if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)

@@ -52,6 +52,9 @@ class OptimConfig:
     # WSD only: length of the final decay phase (fraction of decay_steps) and its shape.
     wsd_decay_fraction: float = 0.1
     wsd_decay_style: str = "linear"
+    # On resume, a schedule other than the checkpoint's (a raised max_steps, a new lr) is
+    # refused; true rebuilds it for the new settings, at the step reached.
+    override_schedule: bool = False
 
     def check(self) -> "OptimConfig":
         styles = ("constant", "linear", "cosine", "inverse-square-root", "WSD")

@@ -245,16 +245,18 @@ def recompute_overrides(mode: str) -> dict:
     return {}
 
 
-def starting_point(cfg: DictConfig, s: Settings) -> tuple[Path | None, Path | None]:
+def starting_point(cfg: DictConfig, s: Settings, report=None) -> tuple[Path | None, Path | None]:
     """(checkpoint to resume this stage from, checkpoint to take initial weights from).
 
     A stage with a checkpoint of its own continues from it (a restart after a crash or a
-    requeue); otherwise it starts from the top-level `init_from` when given, else the
-    stage's own `stage.init_from`, else from random weights.
+    requeue): the newest one that matches its manifest (checkpointing.resume_point; with
+    `report`, in the job, a collective full check that sets damaged ones aside). Otherwise
+    it starts from the top-level `init_from` when given, else the stage's own
+    `stage.init_from`, else from random weights.
     """
     from recipes import checkpointing as ckpt
 
-    resume_from = ckpt.latest_checkpoint(s.stage_dir) if s.trainer.resume == "auto" else None
+    resume_from = ckpt.resume_point(s.stage_dir, report) if s.trainer.resume == "auto" else None
     source = cfg.get("init_from") or cfg.stage.get("init_from")
     if resume_from is None and source:
         return None, ckpt.resolve_init_from(str(source), s.run_dir)
@@ -269,6 +271,10 @@ def check_start(resume_from: Path | None, init_from: Path | None, s: Settings, w
 
     if resume_from is not None and (problem := ckpt.backend_mismatch(resume_from, s.trainer.backend)):
         raise ConfigError(problem)
+    if resume_from is not None and not s.optim.override_schedule and (
+            change := ckpt.schedule_change(resume_from, s.optim, s.trainer.max_steps)):
+        raise ConfigError(f"resuming {resume_from} with another LR schedule ({change}); megatron-core would "
+                          "keep the saved one: pass optim.override_schedule=true to rebuild it, or the old settings")
     if resume_from is not None and s.trainer.backend == "deepspeed" and (
             problem := resume_problem(resume_from, zero_stage(s.deepspeed), world_size)):
         raise ConfigError(problem)
@@ -361,6 +367,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
 
     from model.parallel import destroy_distributed, init_distributed
     from recipes import checkpointing as ckpt
+    from recipes.engine import lr_scheduler
     from recipes.run_log import RunLog
 
     stop = _StopFlag()
@@ -370,12 +377,18 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     t = s.trainer
 
-    resume_from, init_from = starting_point(cfg, s)
+    notes = [note] if note else []
+    resume_from, init_from = starting_point(cfg, s, report=notes.append)
     init = (lambda chunks: ckpt.load_weights(chunks, init_from)) if init_from else None
     engine = build_training_engine(s, dtype, init, **fp8, **recompute_overrides(t.recompute))
     state = {"step": 0, "consumed_samples": 0, "nan_steps": 0, "counts": {}}
     if resume_from is not None:
+        change = s.optim.override_schedule and ckpt.schedule_change(resume_from, s.optim, t.max_steps)
         state.update(ckpt.load_checkpoint(engine, resume_from))
+        if change:
+            engine.scheduler = lr_scheduler(engine.optimizer, s.optim, t.max_steps)
+            engine.scheduler.step(increment=state["step"])
+            notes.append(f"LR schedule rebuilt at step {state['step']} (optim.override_schedule): {change}")
     else:
         state["sources"] = {"init_from": str(init_from.resolve()) if init_from is not None else None}
 
@@ -397,8 +410,8 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     log = RunLog(s.stage_dir, str(cfg.run.name), str(cfg.stage.name), OmegaConf.to_container(cfg, resolve=True),
                  state["step"], t.max_steps, t.log_interval, OmegaConf.to_container(cfg.logging.wandb),
                  bool(cfg.logging.progress), enabled=rank0)
-    if note:
-        log.message(note)
+    for line in notes:
+        log.message(line)
     if resume_from is not None:
         log.message(f"resumed {cfg.stage.name} from {resume_from} at step {state['step']}")
     elif init_from is not None:

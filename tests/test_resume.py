@@ -1,6 +1,8 @@
 """Exact resume: a run killed with SIGKILL and restarted gives the uninterrupted run's
-losses bit for bit; checkpoints move between layouts; the NaN guard; launch-time errors."""
+losses bit for bit; checkpoints move between layouts; a damaged checkpoint is set aside;
+a changed LR schedule is refused or rebuilt; the NaN guard; launch-time errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +59,84 @@ def test_sigkill_resume_is_bit_exact(tmp_path, pretrain_data, model, dist_opt):
     assert {s: got[s] for s in got if s > resumed_from} == {s: expected[s] for s in expected if s > resumed_from}
     # keep_last=2: older checkpoints pruned, the newest complete ones kept.
     assert [p.name for p in complete_checkpoints(stage)] == [f"iter_{STEPS - 1:07d}", f"iter_{STEPS:07d}"]
+
+
+def test_manifest_lists_every_file_and_finds_damage(tmp_path):
+    from model.checkpoint import MANIFEST_FILE, verify_manifest, write_manifest
+
+    ckpt = tmp_path / "iter_0000001"
+    (ckpt / "sub").mkdir(parents=True)
+    shard = ckpt / "__0_0.distcp"
+    data = os.urandom(5000)
+    shard.write_bytes(data)
+    (ckpt / "sub" / "common.pt").write_bytes(b"x" * 10)
+    write_manifest(ckpt)
+    files = json.loads((ckpt / MANIFEST_FILE).read_text())["files"]
+    assert sorted(files) == ["__0_0.distcp", "sub/common.pt"] and files["sub/common.pt"]["size"] == 10
+    assert verify_manifest(ckpt) is None
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))   # one bit, same size
+    assert verify_manifest(ckpt, checksums=False) is None
+    assert verify_manifest(ckpt) == "__0_0.distcp does not match its checksum"
+    shard.write_bytes(data[:100])
+    assert verify_manifest(ckpt, checksums=False) == "__0_0.distcp has 100 bytes where 5000 were written"
+    shard.unlink()
+    assert verify_manifest(ckpt) == "__0_0.distcp is missing"
+    (ckpt / MANIFEST_FILE).write_text("{")
+    assert verify_manifest(ckpt) == f"its {MANIFEST_FILE} is unreadable"
+    (ckpt / MANIFEST_FILE).unlink()
+    assert verify_manifest(ckpt) is None   # written before manifests: not judged
+
+
+def test_damaged_latest_is_set_aside_and_the_one_before_resumes(tmp_path, mini_pretrain_data):
+    # a fixed decay length: runs of 4 and 6 steps share one LR schedule
+    common = ["model=mini", "trainer.save_interval=2", "optim.decay_steps=10"]
+    pretrain(tmp_path, mini_pretrain_data, *common, "trainer.max_steps=4")
+    stage = tmp_path / "mini" / "pretrain_s1"
+    newest = stage / "checkpoints" / "iter_0000004"
+    manifest = json.loads((newest / "manifest.json").read_text())["files"]
+    assert {"metadata.json", "common.pt", "qwen3_model.json"} <= set(manifest)
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])   # a truncated copy
+
+    proc = pretrain(tmp_path, mini_pretrain_data, *common, "trainer.max_steps=6")
+    warnings = [line for line in proc.stderr.splitlines() if "damaged checkpoint" in line]
+    assert len(warnings) == 1 and "iter_0000004" in warnings[0] and "resuming from iter_0000002" in warnings[0], \
+        proc.stderr[-3000:]
+    assert "resumed pretrain_s1 from" in proc.stderr and "at step 2" in proc.stderr
+    assert (stage / "checkpoints" / "iter_0000004.damaged" / shard.name).is_file()   # set aside, not deleted
+    assert read_json(stage / "final.json")["step"] == 6
+    assert sorted(read_metrics(stage)) == list(range(1, 7))
+
+    # none matches: one line naming them, and nothing renamed
+    for ckpt in complete_checkpoints(stage):
+        (ckpt / "common.pt").write_bytes(b"")
+    error = config_error(pretrain_command(tmp_path, mini_pretrain_data, *common, "trainer.max_steps=8"))
+    assert "no checkpoint of" in error and "iter_0000004 (common.pt has 0 bytes" in error and "iter_0000006" in error
+    assert [p.name for p in complete_checkpoints(stage)] == ["iter_0000004", "iter_0000006"]
+
+
+def test_changed_schedule_on_resume_is_refused_unless_overridden(tmp_path, mini_pretrain_data):
+    import torch
+    import yaml
+
+    from recipes.engine import OptimConfig, lr_scheduler
+
+    common = ["model=mini", "trainer.save_interval=2", "optim.lr=1e-3", "optim.min_lr=1e-4"]
+    pretrain(tmp_path, mini_pretrain_data, *common, "trainer.max_steps=2")
+    error = config_error(pretrain_command(tmp_path, mini_pretrain_data, *common, "trainer.max_steps=4"))
+    assert "lr_decay_steps 2 -> 4" in error and "optim.override_schedule=true" in error, error
+
+    proc = pretrain(tmp_path, mini_pretrain_data, *common, "trainer.max_steps=4", "optim.override_schedule=true")
+    assert "LR schedule rebuilt at step 2" in proc.stderr, proc.stderr[-3000:]
+    stage = tmp_path / "mini" / "pretrain_s1"
+    logged = read_metrics(stage)
+    # steps 3 and 4 follow a fresh 4-step schedule, not the finished 2-step one (at min_lr)
+    optim = OptimConfig(**yaml.safe_load((stage / "config.yaml").read_text())["optim"])
+    scheduler = lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), optim, 4)
+    for step in (3, 4):
+        scheduler.step(increment=1 if step == 4 else 2)
+        assert logged[step]["lr"] == pytest.approx(scheduler.optimizer.param_groups[0]["lr"], rel=1e-9), logged[step]
+    assert logged[3]["lr"] > 1e-4 * 1.01
 
 
 @pytest.mark.slow   # ~70 s; the SIGKILL and SLURM requeue resumes stay in the default suite
