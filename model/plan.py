@@ -653,8 +653,12 @@ def parse_args(argv: list[str]) -> tuple[Setting, int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print("usage: " + " ".join(__doc__.split("\n\n")[1].split()))   # the docstring's usage lines
+        return 0
     try:
-        s, top, show = parse_args(sys.argv[1:] if argv is None else argv)
+        s, top, show = parse_args(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

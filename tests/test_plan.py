@@ -256,6 +256,13 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_prints_usage(flag, capsys):
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m model.plan model=") and "show=fit|all|invalid]" in out
+
+
 def test_parse_size():
     assert parse_size("80GiB") == 80 * 2**30
     assert parse_size("141GB") == 141 * 10**9
