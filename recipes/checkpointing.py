@@ -139,10 +139,11 @@ def schedule_change(ckpt_dir: Path, optim, max_steps: int) -> str | None:
     saved = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("train_state", {}).get("scheduler")
     if not saved:
         return None
-    warmup, decay = optim.schedule(max_steps)
-    wanted = {"max_lr": optim.lr, "min_lr": optim.min_lr, "lr_warmup_steps": warmup, "lr_decay_steps": decay,
-              "lr_decay_style": optim.decay_style}
-    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v]
+    from recipes.engine import schedule_settings
+
+    wanted = schedule_settings(optim, max_steps)
+    keys = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+    changed = [f"{k} {saved.get(k)} -> {wanted[k]}" for k in keys if saved.get(k) != wanted[k]]
     return ", ".join(changed) or None
 
 

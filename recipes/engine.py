@@ -313,10 +313,15 @@ def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig
 
 def lr_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> OptimizerParamScheduler:
     """Warmup then the configured decay, stepped once per optimizer step."""
+    return OptimizerParamScheduler(optimizer, **schedule_settings(optim, max_steps))
+
+
+def schedule_settings(optim: OptimConfig, max_steps: int) -> dict:
+    """megatron-core's OptimizerParamScheduler arguments for `optim` over `max_steps`
+    (its state_dict keeps the same names, which a resume compares)."""
     warmup_steps, decay_steps = optim.schedule(max_steps)
     wsd = optim.decay_style == "WSD"
-    return OptimizerParamScheduler(
-        optimizer,
+    return dict(
         init_lr=0.0 if warmup_steps else optim.lr,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
