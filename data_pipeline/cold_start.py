@@ -441,20 +441,21 @@ def require(cfg, *keys: str) -> None:
             raise ConfigError(f"{key}= is required")
 
 
-def hydra_entry(config_name: str, job: Callable) -> None:
-    """`python -m` entry on `hydra_conf/<config_name>.yaml`: prints what `job(cfg)` returns,
-    or a ConfigError as one `error:` line with exit code 2."""
-    import hydra
+def hydra_entry(config_name: str, job: Callable, usage: str | None = None) -> None:
+    """`python -m` entry on `hydra_conf/<config_name>.yaml` (model.launch.hydra_cli, so
+    `--help` prints `usage`): prints what `job(cfg)` returns, or a ConfigError as one
+    `error:` line with exit code 2."""
+    from model.launch import hydra_cli
 
-    @hydra.main(config_path=str(HYDRA_CONF), config_name=config_name, version_base=None)
-    def entry(cfg) -> None:
+    def run_cli(cfg) -> int:
         try:
             print(job(cfg))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            return 2
+        return 0
 
-    entry()
+    hydra_cli(config_name, run_cli, usage)
 
 
 def job(cfg) -> str:
@@ -468,4 +469,4 @@ def job(cfg) -> str:
 
 
 if __name__ == "__main__":
-    hydra_entry("cold_start", job)
+    hydra_entry("cold_start", job, __doc__)

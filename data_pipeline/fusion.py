@@ -284,4 +284,4 @@ def job(cfg) -> str:
 
 
 if __name__ == "__main__":
-    hydra_entry("fusion", job)
+    hydra_entry("fusion", job, __doc__)

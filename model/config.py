@@ -20,6 +20,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HYDRA_CONF = REPO_ROOT / "hydra_conf"
 
 
+def register_resolvers() -> None:
+    """`${repo:data}` in a config is that path inside this checkout: the defaults (data/,
+    runs/) then name the same place whatever directory a job was submitted from. Every
+    entry point composes its config after importing this module, which registers it."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", lambda path="": str(REPO_ROOT / str(path)))
+
+
+register_resolvers()
+
+
 class ConfigError(ValueError):
     """A config that cannot describe a Qwen3 model (one-line message)."""
 

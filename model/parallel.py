@@ -197,6 +197,32 @@ def process_group():
             dist.destroy_process_group()
 
 
+# Loggers of the libraries whose warnings every rank would repeat.
+QUIET_LOGGERS = ("megatron", "transformer_engine", "apex")
+
+
+def quiet_other_ranks(rank: int | None = None) -> bool:
+    """On every process but global rank 0, ignore Python warnings (from this process and,
+    through PYTHONWARNINGS, the Python processes it starts) and raise megatron-core's,
+    Transformer Engine's and apex's loggers to ERROR: a job prints each third-party
+    warning once, not once per rank. `rank` defaults to RANK (torchrun, slurm/task.sh),
+    else SLURM_PROCID; a process with neither is rank 0. Errors still show on every rank.
+    Returns whether this process was quietened. Call it before those libraries are imported:
+    most of their warnings come at import."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        return False
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ["PYTHONWARNINGS"] = "ignore"
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return True
+
+
 def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig | None = None,
                      timeout_minutes: int = 30) -> Layout:
     """Start torch.distributed and megatron-core's parallel state for this process.
@@ -209,6 +235,7 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
     import torch
     import torch.distributed as dist
 
+    quiet_other_ranks()   # entry points other than training (conversion, generation, evals)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if model is not None:
         validate_layout(model, par, world_size, use_te=te_available())

@@ -107,7 +107,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m model.params", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", metavar="NAME",
                         help="hydra_conf/model config name (repeatable); default: the published sizes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

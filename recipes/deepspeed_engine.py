@@ -30,25 +30,11 @@ import torch
 from model.config import ConfigError, ModelConfig, ParallelConfig
 from model.ds_convert import DS_METADATA, read_deepspeed_metadata
 from recipes.engine import MoEMetrics, _global_means, expert_load_ratio, forward_per_token
+# The `deepspeed:` section lives with the config schema, which must not import
+# megatron-core (as this module does).
+from recipes.schema import DeepSpeedSettings
 
-BACKENDS = ("megatron", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
-
-
-@dataclass
-class DeepSpeedSettings:
-    """The `deepspeed:` config section."""
-
-    zero_stage: int = 2
-    # Optimizer state (ZeRO >= 1) and parameters (ZeRO-3) on the host: "none" or "cpu".
-    offload_optimizer: str = "none"
-    offload_param: str = "none"
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    overlap_comm: bool = False
-    # A DeepSpeed JSON file laid over the generated config (its keys win), for anything
-    # not mapped here. Batch sizes, optimizer and precision still come from our config.
-    config: str | None = None
 
 
 def deepspeed_problems(ds: DeepSpeedSettings, parallel: ParallelConfig, precision: str, recipe: str) -> list[str]:

@@ -39,64 +39,22 @@ accuracy once, at the start.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.config import ConfigError, from_dict
 from recipes.distill_loss import DistillLoss
-from recipes.grpo import GRPOConfig
 from recipes.rl import GRPOTask, PolicyRollout
+from recipes.schema import RolloutSettings
 from recipes.train import Settings, Task, chat_tokenizer, run
 
 PHASES = ("off_policy", "on_policy")
 REPORT_KEYS = ("distill/kl", "distill/ce")
-
-
-@dataclass
-class RolloutSettings:
-    """The student's sampling: on-policy training and held-out evaluation."""
-    # prompts per step, one response each (on-policy: trainer.global_batch_size)
-    prompts_per_step: int = 64
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    thinking_budget: int | None = None
-    # every prompt is used in each mode: think, and no_think (the empty think block)
-    modes: list = field(default_factory=lambda: ["think", "no_think"])
-    # also end the last user turn with /think or /no_think (the fusion stage's soft switch)
-    flags: bool = True
-
-    def problems(self, seq_length: int) -> list[str]:
-        from data_pipeline.fusion import MODES
-
-        p = []
-        if self.prompts_per_step < 1 or self.max_new_tokens < 1:
-            p.append(f"distill.rollout.prompts_per_step={self.prompts_per_step} and max_new_tokens="
-                     f"{self.max_new_tokens} must be >= 1")
-        if self.max_new_tokens >= seq_length:
-            p.append(f"distill.rollout.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
-                     f"trainer.seq_length={seq_length}")
-        if not self.modes or any(m not in MODES for m in self.modes) or len(set(self.modes)) != len(self.modes):
-            p.append(f"distill.rollout.modes={list(self.modes)} must list distinct modes of {', '.join(MODES)}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            p.append(f"distill.rollout.temperature={self.temperature} must be > 0, top_p={self.top_p} in (0, 1] "
-                     f"and top_k={self.top_k} >= 0")
-        return p
-
-    def sampler(self) -> GRPOConfig:
-        """The RL task's rollout settings: one sample per prompt, token-mean loss."""
-        return GRPOConfig(prompts_per_rollout=self.prompts_per_step, group_size=1,
-                          max_new_tokens=self.max_new_tokens, thinking_budget=self.thinking_budget,
-                          temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, reference=False,
-                          kl_coef=0.0, dynamic_sampling=False, recompute_old_logprobs=False, loss_agg="token-mean")
 
 
 def _section(cfg: DictConfig):
@@ -476,9 +434,10 @@ class Distill:
 RECIPE = Distill()
 
 
-@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, RECIPE))
+def main() -> None:
+    from model.launch import hydra_cli
+
+    hydra_cli("config", lambda cfg: run(cfg, RECIPE), usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -25,57 +25,12 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.utils import get_attr_wrapped_model
 
 from model.builder import build_model
-from model.config import ConfigError, ModelConfig, ParallelConfig
+from model.config import ModelConfig, ParallelConfig
 from model.inference import logits_at, position_ids_for
 from model.packing import attention_inputs
 from model.parallel import te_available
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
-    # LR schedule (megatron-core's OptimizerParamScheduler), in optimizer steps.
-    # Warmup: warmup_steps when set, else warmup_fraction of the decay length.
-    warmup_steps: int | None = None
-    warmup_fraction: float = 0.0
-    # "constant", "linear", "cosine", "inverse-square-root" or "WSD".
-    decay_style: str = "cosine"
-    # Steps from the start to the end of decay; None means the stage's max_steps.
-    decay_steps: int | None = None
-    # WSD only: length of the final decay phase (fraction of decay_steps) and its shape.
-    wsd_decay_fraction: float = 0.1
-    wsd_decay_style: str = "linear"
-    # On resume, a schedule other than the checkpoint's (a raised max_steps, a new lr) is
-    # refused; true rebuilds it for the new settings, at the step reached.
-    override_schedule: bool = False
-
-    def check(self) -> "OptimConfig":
-        styles = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
-        if self.decay_style not in styles:
-            raise ConfigError(f"optim.decay_style={self.decay_style!r} is not one of {styles}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
-        if not 0 < self.wsd_decay_fraction <= 1:
-            raise ConfigError(f"optim.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        return self
-
-    def schedule(self, max_steps: int) -> tuple[int, int]:
-        """(warmup steps, decay steps) for a stage of `max_steps` steps."""
-        decay = self.decay_steps or max_steps
-        warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_fraction * decay)
-        if warmup >= decay and self.decay_style != "constant":
-            raise ConfigError(f"optim warmup ({warmup} steps) must be shorter than the decay length "
-                              f"{decay} (optim.decay_steps or trainer.max_steps)")
-        return warmup, decay
+# The `optim:` section lives with the config schema, which must not import megatron-core.
+from recipes.schema import OptimConfig  # noqa: F401  (re-exported)
 
 
 def lm_batch(tokens: torch.Tensor) -> dict:

@@ -305,7 +305,7 @@ def run_cli(cfg) -> int:
 def main() -> None:
     from model.launch import hydra_cli
 
-    hydra_cli("eval", run_cli)
+    hydra_cli("eval", run_cli, usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -536,7 +536,7 @@ def data_parallel_share() -> tuple[int, int, object]:
 def main() -> None:
     from model.launch import hydra_cli
 
-    hydra_cli("generate", run_cli)
+    hydra_cli("generate", run_cli, usage=__doc__)
 
 
 if __name__ == "__main__":

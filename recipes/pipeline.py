@@ -29,8 +29,13 @@ then use the same number of ranks). A stage that has finished and been evaluated
 the checkpoint it started from and the teacher (as its own final.json reports them, with a
 content fingerprint of each), and its eval. Re-running the same command skips marked stages;
 a stage that crashed continues from its own `latest` checkpoint (the trainer resumes by
-itself), so nothing finished is redone. `--plan` prints each stage's overrides, one line per
-stage, for slurm/submit_pipeline.sh; `--dry-run` prints the commands without running them.
+itself), so nothing finished is redone. Before the first stage starts, `check_plan` checks
+what every stage will need (settings and layout, data, tokenizer, init_from, teacher, eval
+files) and stops with one line if anything is missing. `--plan` prints each stage's
+overrides, one line per stage, for slurm/submit_pipeline.sh, then runs the same checks at
+`--world-size=N` (the allocation's ranks) on the stages `--only=STAGE,...` names (a chain's
+--from/--to slice; no evals, which a SLURM chain does not run); `--dry-run` prints the
+commands and the checks' result without running anything.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError
+from recipes import schema  # noqa: F401  (registers config.yaml's typed root before composing it)
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "hydra_conf"
@@ -143,24 +149,28 @@ def load_pipeline(name: str, seen: tuple = ()) -> DictConfig:
 
 def compose_stage(config: str, overrides: list[str]) -> DictConfig:
     """The stage's full config as its recipe will see it (Hydra compose, no side effects)."""
-    from hydra.errors import HydraException
-
     try:
         cfg = _compose("config", [f"stage={config}", *overrides])
-        OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"stage {config}: {first}") from None
+    except ConfigError as e:
+        raise ConfigError(f"stage {config}: {e}") from None
+    OmegaConf.resolve(cfg)
     return cfg
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str], dict]:
     """(pipeline name, key=value overrides, flags)."""
-    flags = {"plan": False, "dry_run": False}
+    flags = {"plan": False, "dry_run": False, "world_size": None, "only": None}
     name, overrides = None, []
     for arg in argv:
         if arg in ("--plan", "--dry-run"):
             flags[arg[2:].replace("-", "_")] = True
+        elif arg.startswith("--world-size="):
+            value = arg.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{arg}: expected a positive number of ranks")
+            flags["world_size"] = int(value)
+        elif arg.startswith("--only="):
+            flags["only"] = set(filter(None, arg.split("=", 1)[1].split(",")))
         elif arg in ("-h", "--help"):
             print(__doc__)
             raise SystemExit(0)
@@ -169,17 +179,16 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], dict]:
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
         else:
-            raise ConfigError(f"unexpected argument {arg!r} (expected key=value, --plan or --dry-run)")
+            raise ConfigError(f"unexpected argument {arg!r} (expected key=value, --plan, --dry-run, "
+                              "--world-size=N or --only=STAGE,...)")
     if not name:
         raise ConfigError("pipeline= is required (e.g. pipeline=qwen3_flagship)")
     return name, overrides, flags
 
 
-def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
-    """Everything the run needs, checked before any stage starts: every stage's config
-    composes with its overrides, and every stage shares one run directory. With `check`
-    (a run on this machine), also each stage's training settings at the world size it will
-    launch with (recipes.train.check_settings: layout, batch sizes, schedule, precision)."""
+def make_plan(name: str, overrides: list[str]) -> Plan:
+    """Every stage's config composed with its overrides, all sharing one run directory
+    (ConfigError otherwise); `check_plan` then checks what the stages will need."""
     conf = load_pipeline(name)
     own = set(conf.keys()) - {"stages"}
     common, per_stage, pipeline_changes = [], {}, []
@@ -236,8 +245,6 @@ def make_plan(name: str, overrides: list[str], check: bool = False) -> Plan:
         if str(cfg.stage.name) != key:
             own_overrides.append(f"stage.name={key}")
             cfg.stage.name = key
-        if check:
-            _check_stage(key, cfg)
         worlds[key] = _world_size(cfg)
         stage_run = Path(str(cfg.run.root)) / str(cfg.run.name)
         if stage_run != run_dir:
@@ -269,14 +276,61 @@ def _world_size(cfg: DictConfig) -> int:
     return int(cfg.trainer.nprocs) if cfg.trainer.get("nprocs") else _layout_ranks(cfg.parallel)
 
 
-def _check_stage(name: str, cfg: DictConfig) -> None:
-    from recipes.train import check_settings, settings_from
+def check_plan(plan: Plan, world_size: int | None = None, only: set[str] | None = None, evals: bool = True) -> None:
+    """Everything every stage will need, before the first one starts (or, from
+    slurm/submit_pipeline.sh, before the first job is submitted), as one ConfigError line:
+    each stage's settings at the ranks it will have (`world_size`, the allocation's; else
+    what the stage launches with locally), its data (S3's length buckets included), the
+    tokenizer, where its weights come from and its teacher, as its recipe checks them at
+    launch, and (with `evals`) the evals' files. What an earlier step of the chain writes (a
+    stage's final checkpoint, teacher data) is taken as given, and so is every stage outside
+    `only` (the part of a chain being run)."""
+    from recipes.checkpointing import resolve_init_from
+    from recipes.train import check_settings, recipe_for, settings_from
 
-    try:
-        s = settings_from(cfg)
-        check_settings(s, _world_size(cfg), str(cfg.stage.recipe))
-    except ConfigError as e:
-        raise ConfigError(f"stage {name}: {e}") from None
+    def each_stage(check) -> None:
+        earlier: list[str] = []
+        for stage in plan.stages:
+            if only is not None and stage.name not in only:
+                earlier.append(stage.name)
+                continue
+            try:
+                cfg = compose_stage(stage.config, [*plan.common, *stage.overrides])
+                check(stage, cfg, settings_from(cfg), earlier)
+            except ConfigError as e:
+                raise ConfigError(f"stage {stage.name}: {e}") from None
+            earlier.append(stage.name)
+
+    def settings(stage: Stage, cfg: DictConfig, s, earlier: list) -> None:
+        check_settings(s, world_size or _world_size(cfg), stage.recipe)
+
+    def inputs(stage: Stage, cfg: DictConfig, s, earlier: list) -> None:
+        for what, source in (("init_from", stage.init_from), ("teacher", stage.teacher)):
+            if source and source not in earlier:
+                try:
+                    resolve_init_from(source, plan.run_dir)
+                except ConfigError:
+                    raise ConfigError(f"{what}={source} is neither an earlier stage of {plan.name} nor a "
+                                      "checkpoint or stage directory") from None
+        if stage.generate:
+            # its training data is the teacher's output, written by the job before it
+            prompts = stage.generate.get("input")
+            if prompts and not Path(str(prompts)).is_file():
+                raise ConfigError(f"generate.input={prompts} (the teacher's prompts) not found")
+            from data_pipeline.tokenizer import load_tokenizer
+
+            load_tokenizer(cfg.tokenizer)
+        elif not (stage.teacher and stage.teacher in earlier):   # else its recipe would look for that teacher
+            recipe_for(stage.recipe).validate(cfg, s)
+        for key in ("lm_data", "problems") if evals else ():
+            path = stage.eval.get(key)
+            if stage.eval.get("enabled", True) and path and not Path(str(path)).is_file():
+                raise ConfigError(f"eval.{key}={path} not found (or set eval.enabled=false)")
+
+    # every stage's settings first: a typing mistake in the last stage's overrides is
+    # reported as such, not hidden behind the first stage's missing data
+    each_stage(settings)
+    each_stage(inputs)
 
 
 # ----------------------------------------------------------------------------- running
@@ -317,11 +371,11 @@ _LAUNCH_ENV = dict(os.environ)
 
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """hydra_conf/<config_name>.yaml with overrides, as that CLI would see it."""
-    from hydra import compose, initialize_config_dir
+    """hydra_conf/<config_name>.yaml with overrides, as that CLI would see it (checked the
+    same way: a ConfigError of one line)."""
+    from model.launch import compose
 
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(config_name=config_name, overrides=overrides)
+    return compose(config_name, overrides)
 
 
 def _rank() -> int:
@@ -492,18 +546,10 @@ def finish_stage(plan: Plan, stage: Stage, started: float, budgets: list | None)
 def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
     """Run (or with dry_run, print) the stages without a marker. In an in-process plan every
     rank calls this; rank 0 reads and writes the run directory and tells the others."""
-    from recipes.checkpointing import FINAL, latest_checkpoint, resolve_init_from
+    from recipes.checkpointing import FINAL, latest_checkpoint
     from recipes.eval import log_to_wandb
 
     curve = plan.settings.get("budget_curve") or {}
-    for stage in plan.stages:
-        if stage.teacher and not dry_run:
-            resolve_init_from(stage.teacher, plan.run_dir)   # a missing teacher fails now, not hours later
-    for stage in plan.stages:
-        for name in ("lm_data", "problems"):
-            path = stage.eval.get(name)
-            if stage.eval.get("enabled", True) and path and not dry_run and not Path(str(path)).is_file():
-                raise ConfigError(f"eval.{name}={path} does not exist (or set eval.enabled=false)")
     _say(f"pipeline {plan.name}: {len(plan.stages)} stages into {plan.run_dir}")
     if not dry_run and _rank() == 0:
         from recipes.checkpointing import write_atomic
@@ -546,7 +592,8 @@ def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
                      plan.run_dir / MARKERS, step=stage.order)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in done["eval"].items() if isinstance(v, float))
         print(f"{prefix}: finished at step {done['step']} in {done['wall_s']:.0f} s; {shown}", flush=True)
-    _say(f"pipeline {plan.name}: all stages done ({plan.run_dir / MARKERS})")
+    if not dry_run:
+        _say(f"pipeline {plan.name}: all stages done ({plan.run_dir / MARKERS})")
     return 0
 
 
@@ -574,13 +621,25 @@ def print_plan(plan: Plan) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         name, overrides, flags = parse_args(sys.argv[1:] if argv is None else argv)
-        plan = make_plan(name, overrides, check=not flags["plan"])
-        if flags["plan"]:
-            print_plan(plan)
+        plan = make_plan(name, overrides)
+        if flags["only"] is not None and (unknown := flags["only"] - {s.name for s in plan.stages}):
+            raise ConfigError(f"--only: {', '.join(sorted(unknown))} not a stage of {name}")
+        # stages finished and marked earlier need nothing any more
+        todo = {s.name for s in plan.stages if not marker_path(plan, s).is_file()}
+        only = todo if flags["only"] is None else flags["only"]
+        if flags["plan"] or flags["dry_run"]:
+            # the plan first, then the checks' verdict: a dry run shows both. A SLURM chain
+            # (--plan) runs no evals.
+            print_plan(plan) if flags["plan"] else run_pipeline(plan, dry_run=True)
+            sys.stdout.flush()
+            check_plan(plan, flags["world_size"], only, evals=not flags["plan"])
+            if flags["dry_run"]:
+                print(f"pipeline {name}: dry run; every stage's checks passed, nothing was run")
             return 0
-        if plan.in_process and not flags["dry_run"]:
+        check_plan(plan, only=only)
+        if plan.in_process:
             return run_in_process(plan, sys.argv[1:] if argv is None else argv)
-        return run_pipeline(plan, dry_run=flags["dry_run"])
+        return run_pipeline(plan)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

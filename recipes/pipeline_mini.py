@@ -52,7 +52,7 @@ QUICK = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.pipeline_mini", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs/mini", help="where data, both runs and the report go")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (the CI smoke run)")
     parser.add_argument("--problems", type=int, default=None, help="arithmetic training problems to generate")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = [*QUICK["common"], *QUICK[name]] if args.quick else []
             own = [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in stages[name]]
             plans[title] = (name, [f"pipeline={name}", f"run.root={root}", f"data.root={root / 'data'}"], [*extra, *own])
-        world = {pipeline.make_plan(name, [*where[1:], *more], check=False).world_size
+        world = {pipeline.make_plan(name, [*where[1:], *more]).world_size
                  for name, where, more in plans.values()}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

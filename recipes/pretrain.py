@@ -10,13 +10,12 @@ the pretraining data (a weighted blend of indexed datasets) to the shared loop.
 
 from __future__ import annotations
 
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from model.config import ConfigError
 from recipes import data as pretrain_data
+from recipes import schema  # noqa: F401  (registers config.yaml's typed root before composing it)
 from recipes.train import Settings, Task, run
 
 
@@ -75,9 +74,10 @@ class Pretrain:
 RECIPE = Pretrain()
 
 
-@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, RECIPE))
+def main() -> None:
+    from model.launch import hydra_cli
+
+    hydra_cli("config", lambda cfg: run(cfg, RECIPE), usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -33,17 +33,16 @@ External rollout engines (vLLM, SGLang) plug in at `RolloutEngine`; see docs/RL.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.config import ConfigError, from_dict
+from recipes import schema  # noqa: F401  (registers config.yaml's typed root before composing it)
 from recipes.grpo import GRPOConfig
 from recipes.train import Settings, Task, chat_tokenizer, run
 
@@ -475,9 +474,10 @@ def install_model_rewards(cfg: DictConfig, s: Settings, tokenizer) -> None:
 RECIPE = RL()
 
 
-@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, RECIPE))
+def main() -> None:
+    from model.launch import hydra_cli
+
+    hydra_cli("config", lambda cfg: run(cfg, RECIPE), usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ differ only in config (hydra_conf/stage/sft_*.yaml) and in the data their builde
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from model.config import ConfigError
+from recipes import schema  # noqa: F401  (registers config.yaml's typed root before composing it)
 from recipes.train import Settings, Task, chat_tokenizer, run
 
 
@@ -79,9 +78,10 @@ class SFT:
 RECIPE = SFT()
 
 
-@hydra.main(config_path="../hydra_conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg, RECIPE))
+def main() -> None:
+    from model.launch import hydra_cli
+
+    hydra_cli("config", lambda cfg: run(cfg, RECIPE), usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ _FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3",
 
 @dataclass
 class TrainerConfig:
+    """The `trainer:` section (its type and defaults; recipes.schema puts it in the root config)."""
+
     # Training engine: "megatron" (TP/PP/CP/EP, the default) or "deepspeed" (ZeRO-1/2/3
     # data parallelism with optional CPU offload; settings in the `deepspeed:` section).
     backend: str = "megatron"
@@ -50,7 +52,7 @@ class TrainerConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     max_steps: int = 100
-    log_interval: int = 1
+    log_interval: int = 10
     save_interval: int = 50
     keep_last: int = 2
     # "auto": continue this stage from its latest checkpoint when there is one; "never".
@@ -64,7 +66,7 @@ class TrainerConfig:
     # Processes to start when launched as a single process; None: what the layout needs.
     nprocs: int | None = None
     # Fault injection for testing the NaN guard: steps whose loss is made NaN.
-    inject_nan_at_steps: list = field(default_factory=list)
+    inject_nan_at_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -123,11 +125,11 @@ class Settings:
     model: ModelConfig
     parallel: ParallelConfig
     trainer: TrainerConfig
-    optim: object
+    optim: object              # recipes.schema.OptimConfig
     precision: str
     stage_dir: Path
     run_dir: Path
-    deepspeed: object = None   # recipes.deepspeed_engine.DeepSpeedSettings
+    deepspeed: object = None   # recipes.schema.DeepSpeedSettings
 
 
 def _typed(cls, node, where: str):
@@ -136,8 +138,7 @@ def _typed(cls, node, where: str):
 
 def settings_from(cfg: DictConfig) -> Settings:
     """Typed, checked settings from the composed config (no torch.distributed needed)."""
-    from recipes.deepspeed_engine import DeepSpeedSettings
-    from recipes.engine import OptimConfig
+    from recipes.schema import DeepSpeedSettings, OptimConfig
 
     parallel = _typed(ParallelConfig, cfg.parallel, "parallel")
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -173,13 +174,15 @@ def chat_tokenizer(cfg: DictConfig, s: Settings):
 
 def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
     """Every generic reason this run cannot start, as one ConfigError line."""
-    from recipes.deepspeed_engine import BACKENDS, deepspeed_problems
+    from recipes.schema import BACKENDS
 
     t = s.trainer
     problems = layout_problems(s.model, s.parallel, world_size, t.seq_length, use_te=te_available())
     if t.backend not in BACKENDS:
         problems.append(f"trainer.backend={t.backend!r} must be one of {', '.join(BACKENDS)}")
-    elif t.backend == "deepspeed":
+    elif t.backend == "deepspeed":   # imports megatron-core: only for the stages that use it
+        from recipes.deepspeed_engine import deepspeed_problems
+
         problems += deepspeed_problems(s.deepspeed, s.parallel, s.precision, recipe)
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_steps", "save_interval",
                  "log_interval", "keep_last"):
@@ -347,20 +350,35 @@ def validate(cfg: DictConfig, recipe: Recipe) -> tuple[Settings, int]:
 
 def run(cfg: DictConfig, recipe: Recipe) -> int:
     """Validate, launch, train. Returns the process exit code."""
+    import warnings
+
+    from model.parallel import quiet_other_ranks
+
+    job_started = time.perf_counter()
+    quiet_other_ranks()   # before validate imports megatron-core, for its import warnings too
+    launched = "WORLD_SIZE" in os.environ
+    # A process that may re-launch itself under torchrun holds back the warnings of
+    # validation's imports (rank 0 would print them again) and shows them only if it trains.
+    held, show = [], warnings.showwarning
+    if not launched:
+        warnings.showwarning = lambda *args: held.append(args)
     try:
         s, nprocs = validate(cfg, recipe)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    launched = "WORLD_SIZE" in os.environ
+    finally:
+        warnings.showwarning = show
     if not launched and nprocs > 1:
         from model.launch import relaunch_if_needed
 
         relaunch_if_needed(recipe.module, sys.argv[1:], nprocs)  # exits with the workers' code
-    return _train(cfg, recipe, s)
+    for args in held:
+        show(*args)
+    return _train(cfg, recipe, s, job_started)
 
 
-def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
+def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | None = None) -> int:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -368,8 +386,9 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
     from model.parallel import destroy_distributed, init_distributed
     from recipes import checkpointing as ckpt
     from recipes.engine import lr_scheduler
-    from recipes.run_log import RunLog
+    from recipes.run_log import RunLog, finished_line
 
+    job_started = time.perf_counter() if job_started is None else job_started
     stop = _StopFlag()
     init_distributed(s.parallel, seed=int(cfg.seed), model=s.model)
     rank0 = dist.get_rank() == 0
@@ -419,6 +438,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
 
     nan_loss = _nan_injector(engine, t.inject_nan_at_steps)
     dp_group = parallel_state.get_data_parallel_group()
+    start_step = state["step"]
     exit_code = 0
     try:
         while state["step"] < t.max_steps:
@@ -457,7 +477,9 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
 
             stopping = _agreed_stop(stop)
             if step % t.save_interval == 0 or step == t.max_steps or stopping:
-                ckpt.save_checkpoint(engine, s.stage_dir, state, t.keep_last)
+                saving = time.perf_counter()
+                saved = ckpt.save_checkpoint(engine, s.stage_dir, state, t.keep_last)
+                log.info(f"saved checkpoint {saved} in {time.perf_counter() - saving:.1f} s")
             if stopping:
                 log.event("stopped", step=step, signal=int(stop.signal or 0))
                 log.message(f"stopped by signal after step {step}; checkpoint saved")
@@ -469,6 +491,11 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings) -> int:
                 ckpt.write_atomic(s.stage_dir / ckpt.FINAL, json.dumps(
                     {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"], **state["sources"]},
                     indent=2) + "\n")
+                # Tokens: the task's tokens_per_step (what tokens/s counts) times this job's
+                # steps, like the wall time this job's; the state keeps no token count.
+                tokens = task.tokens_per_step * (state["step"] - start_step)
+                log.info(finished_line(str(cfg.stage.name), state["step"], start_step, last,
+                                       time.perf_counter() - job_started, tokens))
             log.event("finished", step=state["step"])
     finally:
         log.close()

@@ -6,8 +6,9 @@
 # SLURM's warning signal, requeue after a clean stop) is here, once.
 #
 # Environment it reads (all optional):
-#   QWEN3_REPO              the repo; default: the submit directory
-#   QWEN3_CPU=1             CPU smoke path: hide GPUs, gloo instead of NCCL
+#   QWEN3_REPO              the repo; default: the checkout this file is in
+#   QWEN3_CPU=1             hide the node's GPUs and train on CPU (gloo); an allocation
+#                           without GPUs (--gpus-per-node=0) does this by itself
 #   QWEN3_PYTHON            interpreter; default: the repo's .venv, or `python` in a container
 #   QWEN3_CONTAINER_IMAGE   run the tasks in this image through pyxis/enroot
 #   QWEN3_CONTAINER_MOUNTS  extra mounts (src:dst[,src:dst...]); the repo is always mounted
@@ -17,6 +18,8 @@
 # written (recipes.train.EXIT_PREEMPTED); a config error is EXIT_CONFIG.
 QWEN3_EXIT_PREEMPTED=75
 QWEN3_EXIT_CONFIG=2
+# The checkout this file belongs to (it is sourced from there, never copied).
+QWEN3_HOME=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # The one map from stage to the `python -m` module that runs it.
 qwen3_stage_module() {
@@ -54,6 +57,29 @@ qwen3_may_requeue() {
     [[ $info == *" JobState=RUNNING "* || $info == *" Reason=TimeLimit "* ]]
 }
 
+# qwen3_gpus_per_node: the GPUs per node this allocation has, as SLURM gives them
+# (--gpus-per-node, possibly typed as h100:8, or the GRES it bound); empty when SLURM does
+# not say (a site without GPU GRES), in which case the tasks decide.
+qwen3_gpus_per_node() {
+    if [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then echo "${SLURM_GPUS_PER_NODE##*:}"
+    elif [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then echo "$SLURM_GPUS_ON_NODE"
+    fi
+}
+
+# qwen3_log_to REPO: without --output/--error, SLURM writes slurm-<id>.out into the submit
+# directory, wherever that was; the job's log then goes to REPO/runs/slurm/<name>-<id>.{out,err}
+# instead, and SLURM's file keeps one line saying so (and anything slurmstepd adds later,
+# such as a time-limit notice).
+qwen3_log_to() {
+    local default=$SLURM_SUBMIT_DIR/slurm-$SLURM_JOB_ID.out out dir
+    out=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -oP ' StdOut=\K\S+')
+    [[ $out == "$default" ]] || return 0
+    dir=$1/runs/slurm
+    mkdir -p "$dir" || return 0
+    echo "qwen3: log in $dir/$SLURM_JOB_NAME-$SLURM_JOB_ID.out and .err"
+    exec >>"$dir/$SLURM_JOB_NAME-$SLURM_JOB_ID.out" 2>>"$dir/$SLURM_JOB_NAME-$SLURM_JOB_ID.err"
+}
+
 # Inside the batch job: run STAGE on every task of the allocation with Hydra overrides.
 qwen3_launch() {
     local stage=$1 module repo
@@ -62,9 +88,28 @@ qwen3_launch() {
         echo "error: submit this template with sbatch (SLURM_JOB_ID is not set)" >&2
         return "$QWEN3_EXIT_CONFIG"
     fi
-    repo=$(cd "${QWEN3_REPO:-$SLURM_SUBMIT_DIR}" && pwd) || return "$QWEN3_EXIT_CONFIG"
+    repo=$(cd "${QWEN3_REPO:-$QWEN3_HOME}" && pwd) || return "$QWEN3_EXIT_CONFIG"
+    qwen3_log_to "$repo"
     qwen3_check_stage "$repo" "$stage" || return
     module=$(qwen3_stage_module "$stage")
+
+    # One rank per GPU of the allocation; without GPUs (--gpus-per-node=0 or QWEN3_CPU=1),
+    # one per task, on CPU.
+    local nodes=${SLURM_JOB_NUM_NODES:-1} gpus ranks cpu=0
+    local tasks=${SLURM_NTASKS_PER_NODE:-$(( ${SLURM_NTASKS:-1} / nodes ))}
+    tasks=${tasks%%(*}
+    gpus=$(qwen3_gpus_per_node)
+    if [[ ${QWEN3_CPU:-0} == 1 || $gpus == 0 ]]; then
+        cpu=1 ranks=$tasks
+    elif [[ -n $gpus ]]; then
+        ranks=$gpus
+        if ((gpus > tasks)); then
+            echo "error: the allocation has $gpus GPUs but $tasks task(s) per node; pass --ntasks-per-node=$gpus" >&2
+            return "$QWEN3_EXIT_CONFIG"
+        fi
+    else
+        ranks=$tasks
+    fi
 
     # Every task gets the same rendezvous; RANK/LOCAL_RANK/WORLD_SIZE are set per task by
     # slurm/task.sh. The port is derived from the job id so that jobs sharing a node do
@@ -72,10 +117,14 @@ qwen3_launch() {
     export MASTER_ADDR MASTER_PORT
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     MASTER_PORT=${QWEN3_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-    export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+    # Without empty entries: an empty one is the working directory, i.e. the submit directory
+    # (see task.sh).
+    PYTHONPATH=$(tr ':' '\n' <<< "$repo:${PYTHONPATH:-}" | grep -v '^$' | paste -sd:)
+    export PYTHONPATH
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
-    local srun_args=(--kill-on-bad-exit=0 --wait=120)
+    local srun_args=(--ntasks=$((ranks * nodes)) --ntasks-per-node="$ranks" ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
+                     --kill-on-bad-exit=0 --wait=120)
     # Under --kill-on-bad-exit=1 the first rank to exit 75 would kill the others and the
     # step's code would no longer say "preempted"; --wait ends a step whose ranks crashed.
     if [[ -n ${QWEN3_CONTAINER_IMAGE:-} ]]; then
@@ -88,7 +137,7 @@ qwen3_launch() {
     else
         export QWEN3_PYTHON=${QWEN3_PYTHON:-python3}
     fi
-    if [[ ${QWEN3_CPU:-0} == 1 ]]; then
+    if ((cpu)); then
         # Even on a GPU node: torch then sees no CUDA and the recipe runs on gloo.
         export CUDA_VISIBLE_DEVICES=
     fi
@@ -102,8 +151,8 @@ qwen3_launch() {
         overrides+=(trainer.resume=auto)
     fi
     echo "qwen3: stage $stage ($module), job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}," \
-         "${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_NODES:-?} node(s), master $MASTER_ADDR:$MASTER_PORT," \
-         "$([[ ${QWEN3_CPU:-0} == 1 ]] && echo CPU || echo GPU)${QWEN3_CONTAINER_IMAGE:+, image $QWEN3_CONTAINER_IMAGE}"
+         "$((ranks * nodes)) tasks on $nodes node(s), master $MASTER_ADDR:$MASTER_PORT," \
+         "$( ((cpu)) && echo CPU || echo "GPU${gpus:+ ($gpus per node)}")${QWEN3_CONTAINER_IMAGE:+, image $QWEN3_CONTAINER_IMAGE}"
 
     # `--signal=B:USR1@...` reaches only this shell, and bash runs traps only between
     # commands: so srun runs in the background while the shell waits, and the trap passes

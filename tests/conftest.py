@@ -24,6 +24,8 @@ import pytest
 import torch
 from filelock import FileLock
 
+import recipes.schema  # noqa: F401  (registers hydra_conf/config.yaml's typed root for every test)
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_VOCAB = 2048  # small vocabulary keeps the HF references fast; tiny's own is 151,936
 # The learning tests' seed (data, initial weights, training): 0 is what the suite runs and
@@ -34,7 +36,7 @@ TEST_SEED = int(os.environ.get("QWEN3_TEST_SEED", "0"))
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
     # One thread per process: most commands start one rank per core.
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
@@ -103,16 +105,13 @@ def config_error(cmd: list) -> str:
     Each test file keeps one real CLI launch of its recipe for the exit code and stderr."""
     import importlib
 
-    from hydra import compose, initialize_config_dir
-
     from model.config import ConfigError
+    from model.launch import compose
     from recipes.train import validate
 
     recipe = importlib.import_module(str(cmd[cmd.index("-m") + 1])).RECIPE
-    with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=[str(a) for a in cmd[cmd.index("-m") + 2:]])
-    with pytest.raises(ConfigError) as e:
-        validate(cfg, recipe)
+    with pytest.raises(ConfigError) as e:   # the CLI's composition (model.launch.hydra_cli), then its checks
+        validate(compose("config", [str(a) for a in cmd[cmd.index("-m") + 2:]]), recipe)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -241,7 +240,7 @@ def pretrain_command(run_root: Path, data_root: Path, *overrides, nprocs: int | 
     With `nprocs`, the recipe is started as one process and re-launches itself under
     torchrun, as a user on a workstation would run it. Later overrides win.
     """
-    args = [f"run.root={run_root}", f"data.root={data_root}", "trainer.seq_length=64",
+    args = ["model=tiny", f"run.root={run_root}", f"data.root={data_root}", "trainer.seq_length=64",
             "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "trainer.log_interval=1",
             "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=0", "logging.progress=false",
             "logging.wandb.mode=disabled", *overrides]

@@ -227,10 +227,9 @@ def test_padded_vocab_size_is_the_next_multiple(tp, step):
 
 
 def composed(*overrides):
-    from hydra import compose, initialize_config_dir
+    from model.launch import compose   # as the stage CLIs compose (schema registered by tests.conftest)
 
-    with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose("config", list(overrides))
 
 
 @pytest.mark.parametrize("model", ["mini", "mini_moe"])

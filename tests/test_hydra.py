@@ -1,24 +1,37 @@
 """The hydra_conf tree composes with Hydra itself, with CLI-style overrides."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from model.config import HYDRA_CONF, ModelConfig, ParallelConfig, available_models, load_model_config
+import recipes  # noqa: F401  (registers config.yaml's schema, recipes/schema.py)
+from model.config import (HYDRA_CONF, ModelConfig, ParallelConfig, available_models, load_model_config,
+                          load_parallel_config)
+from model.launch import compose
 from model.parallel import validate_layout
 
 
 def composed(*overrides):
-    with initialize_config_dir(config_dir=str(HYDRA_CONF), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    """hydra_conf/config.yaml as the stage CLIs compose it (model.launch.hydra_cli)."""
+    return compose("config", list(overrides))
 
 
-def test_default_is_tiny_s1_on_one_process():
+def test_default_is_qwen3_0_6b_s1_on_the_repos_data_with_its_layout():
     cfg = composed()
     # The default stage is S1, which trains with RoPE base 10,000.
     assert cfg.stage.name == "pretrain_s1"
-    assert ModelConfig(**OmegaConf.to_container(cfg.model)) == load_model_config("tiny", rope_theta=10000.0)
-    assert ParallelConfig(**OmegaConf.to_container(cfg.parallel)) == ParallelConfig()
+    assert ModelConfig(**OmegaConf.to_container(cfg.model)) == load_model_config("qwen3_0_6b", rope_theta=10000.0)
+    assert ParallelConfig(**OmegaConf.to_container(cfg.parallel)) == load_parallel_config("qwen3_0_6b")
+    # the repo's data/ and runs/, whatever the working directory
+    assert (cfg.data.root, cfg.run.root) == (str(HYDRA_CONF.parent / "data"), str(HYDRA_CONF.parent / "runs"))
+
+
+def test_choosing_a_model_chooses_its_layout_unless_one_is_given():
+    assert ParallelConfig(**OmegaConf.to_container(composed("model=qwen3_8b").parallel)) == \
+        load_parallel_config("qwen3_8b")
+    assert load_parallel_config("qwen3_8b").tp > 1
+    assert ParallelConfig(**OmegaConf.to_container(composed("model=qwen3_8b", "parallel=default").parallel)) == \
+        ParallelConfig()
+    assert composed("model=qwen3_8b", "parallel.tp=2").parallel.tp == 2
 
 
 @pytest.mark.parametrize("name", [n for n in available_models() if n.startswith("qwen3_")])

@@ -64,8 +64,8 @@ def test_small_plan_reads_the_teacher_and_writes_its_data_first(tmp_path):
 ])
 def test_bad_pipeline_override_is_one_line_before_any_stage(tmp_path, override, message):
     with pytest.raises(ConfigError, match=None) as e:
-        pipeline.make_plan("qwen3_flagship", [f"run.root={tmp_path}", "optim.warmup_steps=2", override],
-                           check=True)
+        pipeline.check_plan(pipeline.make_plan("qwen3_flagship", [f"run.root={tmp_path}", "optim.warmup_steps=2",
+                                                                  override]))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "tiny").exists()
 

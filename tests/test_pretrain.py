@@ -8,11 +8,13 @@ tokenizer's.
 
 import json
 import math
+import re
 
 import pytest
 from omegaconf import OmegaConf
 
-from recipes.run_log import read_metrics
+from recipes.checkpointing import checkpoint_name
+from recipes.run_log import read_metrics, token_count
 from tests.conftest import pretrain, read_json
 
 STEPS = {"pretrain_s1": 10, "pretrain_s2": 3, "pretrain_s3": 3}
@@ -21,13 +23,30 @@ STEPS = {"pretrain_s1": 10, "pretrain_s2": 3, "pretrain_s3": 3}
 def run_chain(run_root, data_root, model, *extra, nprocs=None):
     for stage, steps in STEPS.items():
         # The S3 smoke: 128-token samples from length buckets scaled down like the data.
+        seq = 128 if stage == "pretrain_s3" else 64
         more = ["trainer.seq_length=128", "data.length_mix.buckets=[64,128,256]"] if stage == "pretrain_s3" else []
+        # S2 logs less often than it has steps: its first and last step still print a line.
+        interval = 100 if stage == "pretrain_s2" else 1
         proc = pretrain(run_root, data_root, f"stage={stage}", f"model={model}", f"trainer.max_steps={steps}",
-                 "trainer.save_interval=100", *more, *extra, nprocs=nprocs)
+                 "trainer.save_interval=100", f"trainer.log_interval={interval}", *more, *extra, nprocs=nprocs)
         previous = {"pretrain_s2": "pretrain_s1", "pretrain_s3": "pretrain_s2"}.get(stage)
         if previous:  # found by stage name in the run directory, not by a typed path
             assert f"initialised {stage} from {run_root / model / previous}/checkpoints/" in proc.stderr
+        check_log(proc.stdout, run_root / model / stage, stage, steps, interval, tokens=steps * 4 * seq)
     return run_root / model
+
+
+def check_log(out: str, stage_dir, stage: str, steps: int, log_interval: int, tokens: int):
+    """The job's stdout, as a SLURM job's .out has it: a line per logged step (with an ETA),
+    one per checkpoint saved (its path and seconds) and a last line summing the stage up."""
+    lines = out.splitlines()
+    logged = [int(m.group(1)) for m in (re.match(rf"step (\d+)/{steps} eta \S+ tokens/s=\d+ loss=\S+ lr=\S+ "
+                                                 r"grad_norm=\S+", line) for line in lines) if m]
+    assert logged == sorted({1, steps, *range(log_interval, steps + 1, log_interval)}), out
+    final = stage_dir / "checkpoints" / checkpoint_name(steps)
+    assert re.findall(r"^saved checkpoint (\S+) in \d+\.\d s$", out, re.M) == [str(final)], out
+    assert re.fullmatch(rf"finished {stage}: {steps} steps, final checkpoint {re.escape(str(final))}, "
+                        rf"\S+ wall, {token_count(tokens)} tokens", lines[-1]), out
 
 
 def check_chain(run, model):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -143,6 +145,37 @@ def test_sbatch_template_trains_on_two_tasks(plain_run):
     assert "tp: 2" in (stage / "config.yaml").read_text()
 
 
+def test_sbatch_from_any_directory_with_generic_flags(slurm, mini_pretrain_data, tmp_path):
+    """The user's own command: from a directory outside the repo, the template by its path,
+    only generic SLURM flags for a node without GPUs (no QWEN3_CPU), `model=tiny`. It trains,
+    writes its checkpoint, and logs to the repo's runs/slurm/, leaving a pointer in SLURM's
+    default file in the submit directory."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "grp.py").write_text("raise SystemExit('the submit directory is on sys.path')\n")
+    env = {k: v for k, v in slurm.env.items() if k != "QWEN3_CPU"}
+    args = overrides(tmp_path / "runs", mini_pretrain_data, "parallel.tp=1", "trainer.max_steps=3", model="tiny")
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=2",
+                           str(REPO / "slurm" / "pretrain_s1.sbatch"), *args], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    logs = REPO / "runs" / "slurm"
+    try:
+        job = slurm.wait(job_id, logs=elsewhere)
+        text = log_text(logs, "pretrain_s1", job_id)
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+        assert "1 tasks on 1 node(s)" in text and ", CPU" in text, text[-3000:]
+        stage = tmp_path / "runs" / "tiny" / "pretrain_s1"
+        (last,) = complete_checkpoints(stage)
+        assert last.name == "iter_0000003" and read_json(stage / "final.json")["step"] == 3
+        assert (elsewhere / f"slurm-{job_id}.out").read_text().startswith(
+            f"qwen3: log in {logs}/pretrain_s1-{job_id}.out and .err")
+    finally:
+        for ext in ("out", "err"):
+            (logs / f"pretrain_s1-{job_id}.{ext}").unlink(missing_ok=True)
+
+
 # ~2 min of CPU; the default suite keeps the template, the afterok chain (through the
 # bad-override test) and test_resume's SIGKILL exact resume.
 @pytest.mark.slow
@@ -189,17 +222,17 @@ def test_chain_with_preemption_and_requeue(slurm, mini_pretrain_data, plain_run,
     assert s2_losses[1] < losses(stage)[1] - 0.3, (s2_losses, losses(stage))
 
 
-def test_bad_override_fails_in_job_and_cancels_dependent(slurm, mini_pretrain_data, tmp_path):
+def test_failing_stage_cancels_its_dependent(slurm, mini_pretrain_data, tmp_path):
+    """A stage that passes the chain's checks but fails in its job (here the NaN guard at
+    step 1 with nan_policy=abort) exits non-zero, and the afterok chain cancels the next."""
     logs = tmp_path / "mini" / "slurm"
-    ids = slurm.pipeline("--to", "pretrain_s2", *CPU_NODE, "qwen3_pretrain",
-                         *overrides(tmp_path, mini_pretrain_data, "parallel.tp=3"))
+    ids = slurm.pipeline("--to", "pretrain_s2", *CPU_NODE, "qwen3_pretrain", *overrides(tmp_path, mini_pretrain_data),
+                         "pretrain_s1:trainer.inject_nan_at_steps=[1]", "pretrain_s1:trainer.nan_policy=abort")
     s1, s2 = ids["pretrain_s1"], ids["pretrain_s2"]
     first = slurm.wait(s1, logs=logs)
     text = log_text(logs, "pretrain_s1", s1)
-    assert (first["JobState"], first["ExitCode"]) == ("FAILED", "2:0"), text[-4000:]
-    errors = {line for line in text.splitlines() if line.startswith("error: ")}
-    assert len(errors) == 1 and "num_attention_heads=4 is not divisible by tp=3" in errors.pop(), text[-4000:]
-    assert not (tmp_path / "mini" / "pretrain_s1" / METRICS_FILE).exists()
+    assert (first["JobState"], first["ExitCode"]) == ("FAILED", "1:0"), text[-4000:]
+    assert "aborting: 1 non-finite steps" in text, text[-4000:]
     second = slurm.wait(s2, logs=logs)
     assert second["JobState"] == "CANCELLED" and second["RunTime"] == "00:00:00"
     assert not log_text(logs, "pretrain_s2", s2)
@@ -215,8 +248,10 @@ def test_every_stage_has_a_template_and_a_module():
     for stage in stages:
         template = (REPO / "slurm" / f"{stage}.sbatch").read_text()
         for option in ("--nodes=", "--ntasks-per-node=", "--gpus-per-node=", "--cpus-per-task=", "--time=",
-                       "--signal=B:USR1@", "--requeue", "--open-mode=append", "--output=", "--error="):
+                       "--signal=B:USR1@", "--requeue", "--open-mode=append"):
             assert f"#SBATCH {option}" in template, (stage, option)
+        # a relative log path would be relative to wherever sbatch ran, and fail the job there
+        assert "#SBATCH --output" not in template and "#SBATCH --error" not in template, stage
         assert template.rstrip().endswith(f'qwen3_launch {stage} "$@"'), stage
     for pipeline in (REPO / "hydra_conf" / "pipeline").glob("*.yaml"):
         out = subprocess.run(["bash", str(SUBMIT), "--dry-run", pipeline.stem], capture_output=True, text=True)
@@ -226,9 +261,13 @@ def test_every_stage_has_a_template_and_a_module():
 
 def test_dry_run_prints_the_chain():
     # options after the pipeline's name too, as `submit_pipeline.sh qwen3_small --dry-run` is written
-    out = subprocess.run(["bash", str(SUBMIT), "--nodes=4", "qwen3_small", "--dry-run", "model=qwen3_8b",
-                          "run.root=/r", "distill_on_policy:trainer.max_steps=7"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    proc = subprocess.run(["bash", str(SUBMIT), "--nodes=4", "qwen3_small", "--dry-run", "model=qwen3_8b",
+                           "run.root=/r", "distill_on_policy:trainer.max_steps=7"], capture_output=True, text=True)
+    # the plan, then the checks' verdict: here no data, no teacher
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == \
+        "dry run: the checks failed; nothing would be submitted", proc.stderr
+    assert "error: stage pretrain_s1: indexed dataset" in proc.stderr and "done" not in proc.stdout
+    out = proc.stdout.splitlines()
     jobs = ["pretrain_s1", "pretrain_s2", "pretrain_s3", "generate", "distill_off_policy", "distill_on_policy"]
     names = [*jobs[:3], "generate_distill_off_policy", *jobs[4:]]
     # where each stage's weights come from, as qwen3_small.yaml wires it
@@ -251,6 +290,73 @@ def test_dry_run_prints_the_chain():
     assert "output=/r/qwen3_8b/teacher_data/teacher.jsonl" in out[3].split()
     assert "distill.data.files=\\[/r/qwen3_8b/teacher_data/teacher.jsonl\\]" in out[4].split()
     assert "trainer.max_steps=7" in out[-1].split() and "max_steps=7" not in "".join(out[:-1])
+
+
+def recording_sbatch(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose `sbatch` only records its arguments (and prints a job id)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch_calls"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {calls}\necho 4711\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    return {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def submit(env: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SUBMIT), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def chain_overrides(tmp_path: Path, data: Path) -> list[str]:
+    """A mini chain on the test data: S3's length buckets scaled down 64x as the data has them."""
+    return ["model=mini", f"data.root={data}", f"run.root={tmp_path / 'runs'}", "trainer.seq_length=64",
+            "trainer.global_batch_size=4", "eval.enabled=false", "pretrain_s3:data.length_mix.buckets=[64,128,256]"]
+
+
+def test_chain_checks_find_missing_s3_data_before_any_submission(mini_pretrain_data, tmp_path):
+    env, calls = recording_sbatch(tmp_path)
+    node = ["--gpus-per-node=0", "--ntasks-per-node=1"]
+    # with every dataset there, the checks pass (and a dry run says so, not "done")
+    ok = submit(env, *node, "--dry-run", "qwen3_pretrain", *chain_overrides(tmp_path, mini_pretrain_data))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[-1] == "dry run: every stage's checks passed at 1 ranks per job; nothing was submitted"
+    assert "done" not in ok.stdout and not calls.exists()
+    # S3's 128-256 bucket missing: S1 and S2 could run, but nothing is submitted
+    data = tmp_path / "data"
+    shutil.copytree(mini_pretrain_data, data, ignore=shutil.ignore_patterns("long_len128-256.*"))
+    proc = submit(env, *node, "qwen3_pretrain", *chain_overrides(tmp_path, data))
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: stage pretrain_s3: ") and "long_len128-256" in line, line
+    assert not calls.exists()
+
+
+def test_chain_checks_find_a_missing_teacher_before_any_submission(mini_pretrain_data, tmp_path):
+    env, calls = recording_sbatch(tmp_path)
+    proc = submit(env, "--gpus-per-node=0", "--ntasks-per-node=1", "qwen3_small",
+                  *chain_overrides(tmp_path, mini_pretrain_data), f"teacher={tmp_path / 'no_teacher'}")
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: stage distill_off_policy: teacher=") and "no_teacher" in line, line
+    assert not calls.exists()
+    # the layout against the allocation: TP=2 does not fit one rank per job
+    proc = submit(env, "--gpus-per-node=0", "--ntasks-per-node=1", "qwen3_pretrain",
+                  *chain_overrides(tmp_path, mini_pretrain_data), "parallel.tp=2")
+    assert proc.returncode == 2 and "world size 1 is not divisible by tp*pp*cp=2" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not calls.exists()
+
+
+def test_local_pipeline_checks_every_stage_before_the_first(mini_pretrain_data, tmp_path):
+    """recipes.pipeline found S3's missing data only after S1 and S2 had trained."""
+    data = tmp_path / "data"
+    shutil.copytree(mini_pretrain_data, data, ignore=shutil.ignore_patterns("long_len*"))
+    args = [a for a in chain_overrides(tmp_path, data) if not a.startswith("pretrain_s3:")]
+    proc = subprocess.run([sys.executable, "-m", "recipes.pipeline", "pipeline=qwen3_pretrain", *args,
+                           "stages.pretrain_s3.data.length_mix.buckets=[64,128,256]"],
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: stage pretrain_s3: ") and "long_len64-128" in line, line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_recipe_is_one_clear_line(tmp_path):

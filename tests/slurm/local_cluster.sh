@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for the test suite (tests/test_slurm.py).
 #
-#   tests/slurm/local_cluster.sh start    install if needed, configure, start, wait until idle
+#   tests/slurm/local_cluster.sh start    install if needed, configure, start, wait until idle;
+#                                         ends with the SLURM_CONF line to export (stdout)
 #   tests/slurm/local_cluster.sh stop     stop the daemons it started (by their PID files)
 #   tests/slurm/local_cluster.sh status   sinfo, or exit 1 when the cluster is not up
 #   tests/slurm/local_cluster.sh env      the SLURM_CONF line to eval before using sbatch/squeue
@@ -164,7 +165,12 @@ start() {
     for _ in $(seq 300); do
         state=$(node_state)
         case $state in
-            idle|mixed|allocated|completing) echo "export SLURM_CONF=$CONF"; return 0 ;;
+            idle|mixed|allocated|completing)
+                # sinfo/sbatch find this cluster only through SLURM_CONF: say so (stderr), then
+                # the line to run, last, on stdout (the tests read it; `eval "$(... start)"` works)
+                log "up; sinfo, sbatch and squeue find it through SLURM_CONF: in your shell, run"
+                echo "export SLURM_CONF=$CONF"
+                return 0 ;;
             down*|drain*) scontrol update NodeName="$(hostname -s)" State=RESUME 2>/dev/null || true ;;
         esac
         sleep 0.1
