@@ -75,6 +75,7 @@ class Stage:
     eval: dict = field(default_factory=dict)   # the pipeline's eval settings with this stage's changes
     stage_dir: Path | None = None
     wandb: dict = field(default_factory=dict)   # the stage's logging.wandb, for its eval
+    cfg: DictConfig | None = None   # its composed config, as its recipe will see it (checks)
 
 
 @dataclass
@@ -254,7 +255,7 @@ def make_plan(name: str, overrides: list[str]) -> Plan:
         stages.append(Stage(key, order, config, str(cfg.stage.recipe), own_overrides + wiring,
                             str(init_from) if init_from else None, str(teacher) if teacher else None,
                             entry.get("generate"), evaluation, run_dir / key,
-                            OmegaConf.to_container(cfg.logging.wandb, resolve=True)))
+                            OmegaConf.to_container(cfg.logging.wandb, resolve=True), cfg))
         earlier.append(key)
     in_process = bool(conf.get("in_process", False))
     if in_process and len(set(worlds.values())) > 1:
@@ -285,7 +286,6 @@ def check_plan(plan: Plan, world_size: int | None = None, only: set[str] | None 
     launch, and (with `evals`) the evals' files. What an earlier step of the chain writes (a
     stage's final checkpoint, teacher data) is taken as given, and so is every stage outside
     `only` (the part of a chain being run)."""
-    from recipes.checkpointing import resolve_init_from
     from recipes.train import check_settings, recipe_for, settings_from
 
     def each_stage(check) -> None:
@@ -295,8 +295,7 @@ def check_plan(plan: Plan, world_size: int | None = None, only: set[str] | None 
                 earlier.append(stage.name)
                 continue
             try:
-                cfg = compose_stage(stage.config, [*plan.common, *stage.overrides])
-                check(stage, cfg, settings_from(cfg), earlier)
+                check(stage, stage.cfg, settings_from(stage.cfg), earlier)
             except ConfigError as e:
                 raise ConfigError(f"stage {stage.name}: {e}") from None
             earlier.append(stage.name)
@@ -307,6 +306,8 @@ def check_plan(plan: Plan, world_size: int | None = None, only: set[str] | None 
     def inputs(stage: Stage, cfg: DictConfig, s, earlier: list) -> None:
         for what, source in (("init_from", stage.init_from), ("teacher", stage.teacher)):
             if source and source not in earlier:
+                from recipes.checkpointing import resolve_init_from   # (imports megatron-core: only when needed)
+
                 try:
                     resolve_init_from(source, plan.run_dir)
                 except ConfigError:

@@ -56,7 +56,7 @@ def test_small_plan_reads_the_teacher_and_writes_its_data_first(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("stages.no_such_stage.trainer.max_steps=1", "stages.<stage>.<key>=<value> with a stage of this pipeline"),
-    ("trainer.no_such_key=1", "stage pretrain_s1: Could not override 'trainer.no_such_key'"),
+    ("trainer.no_such_key=1", "stage pretrain_s1: trainer.no_such_key=1: unknown key trainer.no_such_key"),
     ("stages.pretrain_s2.run.name=other", "stage pretrain_s2 would write to"),
     ("stages.sft_fusion.init_from=rl_general", "init_from=rl_general is not an earlier stage"),
     # a training setting only the stage's own checks catch, found before the first stage runs
