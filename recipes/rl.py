@@ -405,13 +405,15 @@ class RL:
         from data_pipeline.rl_data import reward_entries
 
         try:
-            reward_entries(OmegaConf.to_container(cfg.rl.rewards, resolve=True), None, check_references=False)
+            entries = reward_entries(OmegaConf.to_container(cfg.rl.rewards, resolve=True), None,
+                                     check_references=False)
         except KeyError as e:
             from recipes.rewards import REWARDS
 
             raise ConfigError(f"rl.rewards names unknown reward {e}; known: {', '.join(sorted(REWARDS))}")
         except ValueError as e:
             raise ConfigError(f"rl.rewards: {e}")
+        check_sandbox(cfg, {name for name, _, _ in entries})
 
     def task(self, cfg: DictConfig, s: Settings, engine) -> Task:
         import torch.distributed as dist
@@ -437,6 +439,7 @@ class RL:
         prompts, skipped = load("rl.data.files", d.files)
         e = cfg.rl.get("eval") or {}
         held = load("rl.eval.files", e.files, "held-out ")[0] if e.get("files") else []
+        check_sandbox(cfg, {name for p in prompts + held for name, _, _ in p.rewards})  # rows name their own
         reference = None
         if g.uses_reference:
             # The stage's starting weights, also after a resume (which loads the policy from
@@ -453,6 +456,24 @@ class RL:
         return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step, loss_positions_only=True,
                     report_keys=REPORT_KEYS, state=work.state, summarize=lambda _: counts,
                     tokens_per_step=s.trainer.global_batch_size * s.trainer.seq_length)
+
+
+SANDBOXED_REWARDS = {"code", "code_all"}
+
+
+def check_sandbox(cfg: DictConfig, reward_names) -> None:
+    """A stage that runs model-written programs refuses to start where the sandbox's kernel
+    isolation is unavailable, unless `rl.sandbox.require_isolation` is false."""
+    if not SANDBOXED_REWARDS & set(reward_names):
+        return
+    if not bool(OmegaConf.select(cfg, "rl.sandbox.require_isolation", default=True)):
+        return
+    from recipes.rewards.sandbox import isolation_problem
+
+    problem = isolation_problem()
+    if problem is not None:
+        raise ConfigError(f"the code rewards need the sandbox's isolation, unavailable here: {problem}; "
+                          "set rl.sandbox.require_isolation=false to run them without it")
 
 
 def install_model_rewards(cfg: DictConfig, s: Settings, tokenizer) -> None:

@@ -223,6 +223,14 @@ class JudgeConfig:
 
 
 @dataclass
+class SandboxConfig:
+    # the `code` rewards run programs in recipes/rewards/sandbox.py; where its kernel
+    # isolation (namespaces, allow-list root, cgroup) is unavailable the stage refuses to
+    # start, unless this is false (then only the audit hook and rlimits hold: docs/RL.md)
+    require_isolation: bool = True
+
+
+@dataclass
 class RLConfig:
     """`rl:`, the RL stages' section (recipes/rl.py)."""
 
@@ -234,6 +242,7 @@ class RLConfig:
     # `reward_model`: a directory written by RewardModel.save (a Qwen3 checkpoint + value head)
     reward_model: str | None = None
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 

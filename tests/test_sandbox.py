@@ -13,7 +13,9 @@ import os
 import secrets
 import socket
 import subprocess
+import tempfile
 import threading
+import time
 import uuid
 
 import pytest
@@ -324,3 +326,293 @@ def test_extraction_and_reference_forms():
     for bad in ("not json", [], [{"input": 1, "output": "2"}], {"inputs": ["1"], "outputs": []}, None):
         with pytest.raises(ValueError):
             cases_from(bad)
+
+
+# ---- a hostile policy (issue 25) -----------------------------------------------------------
+# Each runs with every layer on, the program escaping the audit hook the way the held-out
+# probe did (`_posixsubprocess` loaded under another name gives `fork_exec`, and a child
+# interpreter without the hook), and with the hook off: the kernel layers alone must hold.
+
+HOSTILE = {"full": {}, "kernel": {"audit_hook": False}}
+
+BYPASS = r'''
+import os, sys
+
+def unhooked(payload):
+    """Run `payload` in a fresh interpreter without the audit hook, started through
+    `_posixsubprocess.fork_exec` loaded under another name; in this process if refused."""
+    try:
+        import importlib.machinery, importlib.util
+        origin = importlib.machinery.PathFinder.find_spec("_posixsubprocess").origin
+        spec = importlib.util.spec_from_file_location("probe._posixsubprocess", origin)
+        fx = importlib.util.module_from_spec(spec)
+        r, w = os.pipe()
+        exe = os.fsencode(sys.executable)
+        pid = fx.fork_exec([exe, b"-I", b"-S", b"-B", b"-c", payload.encode()], [exe], True, (w,), None, None,
+                           -1, -1, -1, -1, -1, -1, r, w, True, False, -1, None, None, None, -1, None, False)
+        os.close(w)
+        os.read(r, 4096)
+        os.close(r)
+        os.waitpid(pid, 0)
+    except BaseException as e:
+        print("bypass refused:", type(e).__name__, e, flush=True)
+        exec(payload, {"__name__": "__payload__"})
+'''
+
+
+def hostile(payload: str, before: str = "") -> str:
+    return BYPASS + before + f"\nunhooked({payload!r})\n"
+
+
+@pytest.fixture
+def probe_dir():
+    """A world-readable directory at the top of the host tree, outside every formerly hidden dir."""
+    path = f"/qwen3_sandbox_probe_{uuid.uuid4().hex}"
+    os.mkdir(path)
+    os.chmod(path, 0o777)
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", "--", path])
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The runs' temp dirs go here, so that what a run leaves behind can be seen."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel"])
+def test_no_host_file_is_readable_outside_the_allow_list(layers, probe_dir):
+    marker = secrets.token_hex(16)
+    data = os.path.join(probe_dir, "data", "rl.jsonl")
+    os.makedirs(os.path.dirname(data))
+    with open(data, "w") as f:
+        f.write(json.dumps({"secret": marker}) + "\n")
+    os.chmod(data, 0o644)
+    os.chmod(os.path.dirname(data), 0o755)
+    payload = f"""
+import os
+try:
+    print("top", sorted(os.listdir("/")))
+except OSError as e:
+    print("top refused", type(e).__name__)
+for path in {[data, os.path.join(REPO, "README.md"), "/etc/hostname", "/etc/passwd"]!r}:
+    try:
+        print(open(path, errors="replace").read())
+    except OSError as e:
+        print("refused", path, type(e).__name__)
+"""
+    out = run(hostile(payload), HOSTILE[layers])
+    assert "refused" in out.stdout  # the payload ran
+    top = next(line for line in out.stdout.splitlines() if line.startswith("top"))
+    assert marker not in out.stdout and os.path.basename(probe_dir) not in top
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert f.readline().strip() not in out.stdout
+    assert "root:" not in out.stdout  # /etc/passwd
+
+
+NEST = """
+import os
+n = 0
+try:
+    for n in range(1, 5001):
+        os.mkdir("d")
+        os.chdir("d")
+except OSError as e:
+    print("stopped", type(e).__name__)
+print(n)
+"""
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel", "hook"])
+def test_deep_directories_get_a_verdict_and_leave_nothing(layers, private_tmp):
+    # Under the hook every call resolves the whole path: slow, and a timeout is a verdict too.
+    if layers == "kernel":
+        out = run(NEST, LAYERS[layers], limits=Limits(wall_s=30, cpu_s=10))
+        assert out.status == "ok" and int(out.stdout.split()[-1]) == 5000
+    else:
+        out = run(hostile(NEST), LAYERS[layers], limits=Limits(wall_s=8, cpu_s=8))
+        assert out.status in ("ok", "timeout")
+    assert os.listdir(private_tmp) == []
+
+
+DISK_HOG = """
+import os
+written = 0
+try:
+    for i in range(8):
+        with open(f"f{i}", "wb") as f:
+            f.write(b"x" * (15 * 2**20))
+        written += 15
+except OSError as e:
+    print("stopped", type(e).__name__)
+print(written)
+"""
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel"])
+def test_writing_past_the_disk_budget_gets_a_verdict_and_leaves_nothing(layers, private_tmp):
+    budget = getattr(Limits(), "disk_mb", 64)
+    out = run(DISK_HOG, HOSTILE[layers], limits=Limits(wall_s=20))
+    assert out.status == "ok" and "stopped" in out.stdout
+    assert int(out.stdout.split()[-1]) <= budget
+    assert os.listdir(private_tmp) == []
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel"])
+def test_a_host_unix_socket_is_unreachable(layers, probe_dir):
+    path = os.path.join(probe_dir, "agent.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen(8)
+        server.setblocking(False)
+        payload = f"""
+import socket
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect({path!r})
+    print("connected")
+except OSError as e:
+    print("refused", type(e).__name__)
+"""
+        out = run(hostile(payload), HOSTILE[layers])
+        reached = accepted(server)
+    assert "refused" in out.stdout and "connected" not in out.stdout and not reached
+
+
+MEMORY_HOGS = """
+import os, time
+survivors = 0
+try:
+    kids = []
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            x = b"\\x01" * (300 * 2**20)
+            time.sleep(2)
+            os._exit(0)
+        kids.append(pid)
+    for pid in kids:
+        survivors += os.waitpid(pid, 0)[1] == 0
+except OSError as e:
+    print("refused", type(e).__name__)
+print("survivors", survivors, flush=True)
+"""
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel"])
+def test_whole_run_memory_over_the_budget_is_refused(layers):
+    # five processes of 300 MiB, each well under the 512 MiB per-process cap, 1.5 GiB together
+    limits = Limits(wall_s=20)
+    assert limits.memory_mb > 300 and 5 * 300 > getattr(limits, "run_memory_mb", 1024)
+    out = run(hostile(MEMORY_HOGS), HOSTILE[layers], limits=limits)
+    assert "survivors" in out.stdout and "survivors 5" not in out.stdout
+    if layers == "kernel":
+        assert out.status == "memory"
+
+
+FIND_THE_TESTS = """
+import os, json
+
+def answer(obj):
+    if isinstance(obj, dict):
+        if obj.get("input") == NEEDLE and isinstance(obj.get("output"), str):
+            return obj["output"]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for item in obj:
+            found = answer(item)
+            if found is not None:
+                return found
+
+level = ["/"]
+for depth in range(4):
+    deeper = []
+    for d in level:
+        if d in ("/proc", "/sys", "/dev"):
+            continue
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    deeper.append(e.path)
+                elif e.name.endswith(".jsonl") and e.stat().st_size < 10**7:
+                    for line in open(e.path, errors="replace"):
+                        if NEEDLE.strip() in line:
+                            found = answer(json.loads(line))
+                            if found is not None:
+                                print(found)
+                                raise SystemExit(0)
+            except (OSError, ValueError):
+                pass
+    level = deeper
+print("not found")
+"""
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel"])
+def test_reading_the_tests_from_disk_earns_nothing(layers, probe_dir, monkeypatch):
+    from recipes.rewards import code as code_module
+
+    if layers == "kernel":
+        monkeypatch.setattr(code_module, "run_sandboxed", lambda s, i, l: sb._run(s, i, l, audit_hook=False))
+    cases = [{"input": f"probe-{secrets.token_hex(8)}\n", "output": secrets.token_hex(8)}]
+    data = os.path.join(probe_dir, "rl", "code.jsonl")
+    os.makedirs(os.path.dirname(data))
+    with open(data, "w") as f:
+        f.write(json.dumps({"prompt": "add", "reward": "code", "reference": cases}) + "\n")
+    os.chmod(data, 0o644)
+    os.chmod(os.path.dirname(data), 0o755)
+    program = hostile("", before="\nNEEDLE = sys.stdin.read()\n").replace(
+        "unhooked('')", f"unhooked('NEEDLE = %r\\n' % NEEDLE + {FIND_THE_TESTS!r})")
+    assert get_reward("code")(fenced(program), cases) == 0.0
+    assert get_reward("code_all")(fenced(program), cases) == 0.0
+
+
+@pytest.mark.parametrize("layers", ["full", "kernel"])
+def test_no_zombie_init_after_a_timeout(layers, monkeypatch):
+    inits, kill_run = [], sb._kill_run
+
+    def spy(proc, report):
+        inits.append(report.get("init_pid"))
+        return kill_run(proc, report)
+
+    monkeypatch.setattr(sb, "_kill_run", spy)
+    out = run("import time\ntime.sleep(600)\n", HOSTILE[layers], limits=Limits(wall_s=2))
+    assert out.status == "timeout" and inits and inits[0]
+
+    def state(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+
+    time.sleep(0.5)
+    assert state(inits[0]) is None
+
+
+def test_isolation_is_reported_and_required_by_the_rl_stage(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from model.config import ConfigError
+    from recipes import rl
+
+    out = run_sandboxed("print(1)")
+    assert set(sb.REQUIRED_ISOLATION) <= set(out.isolation), out.isolation_errors
+    assert sb.isolation_problem() is None  # this host gives every layer
+    monkeypatch.setattr(sb, "isolation_problem", lambda: "missing cgroup (no cgroup for the run)")
+    cfg = OmegaConf.create({"rl": {"rewards": ["code"], "sandbox": {"require_isolation": True}}})
+    with pytest.raises(ConfigError, match="rl.sandbox.require_isolation=false"):
+        rl.check_sandbox(cfg, ["math", "code"])
+    rl.check_sandbox(cfg, ["math"])  # no program runs: nothing to require
+    cfg.rl.sandbox.require_isolation = False
+    rl.check_sandbox(cfg, ["code_all"])  # the visible opt-out

@@ -4,33 +4,43 @@
 (`python -I -S -B`: no site-packages, no PYTHON* variables, no bytecode writes) and
 never raises for anything the program does; bad arguments raise ValueError.
 
-Three layers, each enough against an honest mistake and together a reasonable barrier
-against a reward-hacking program:
+The program is treated as hostile (it is rewarded for passing tests, so also for reading
+the expected output). The kernel layers hold on their own; the audit hook is defence in
+depth. Promises and their tests: docs/RL.md, "The code sandbox".
 
-1. Resource limits (setrlimit, inherited by every process of the run): CPU seconds,
-   address space (RLIMIT_AS), file size, open files, no core dumps, and a process count
-   (RLIMIT_NPROC) that is counted per user, so the program never runs as the caller's
-   user: as root it drops to a fresh uid of its own, and as any other user it runs in
-   a user namespace, where the count starts from zero. A wall-clock deadline kills the
-   whole run.
-2. Kernel isolation, detected at run time (`Outcome.isolation` says what was used):
-   new network, PID, mount, IPC and UTS namespaces (plus a user namespace when not
-   root). No network: the namespace has only a loopback device that is down. Processes:
-   the program runs under a small init of its own, so when the run ends or is killed
-   every process it started dies with the PID namespace, setsid or not. Files: the
-   whole tree is remounted read-only and empty tmpfs are mounted over the repo, the
-   home directories, /tmp, /var/tmp, /dev/shm, /run and /mnt; only the Python
-   installation (read-only) and the run's temp dir (read-write, the cwd and HOME) are
-   bound back; /proc is a fresh one that shows only the run's own processes.
+1. Resource limits. Per process (setrlimit, inherited): CPU seconds, address space
+   (RLIMIT_AS), file size, open files, no core dumps, and a process count (RLIMIT_NPROC)
+   that is counted per user, so the program never runs as the caller's user: as root it
+   drops to a fresh uid of its own, and as any other user it runs in a user namespace.
+   Per run: a cgroup (v1 memory + pids, or v2) caps the memory of all its processes
+   together (`run_memory_mb`, tmpfs files included) and their number; an OOM kill in it
+   is status "memory". A wall-clock deadline kills the whole run.
+2. Kernel isolation, detected at run time (`Outcome.isolation` says what was used,
+   `Outcome.isolation_errors` why a layer is missing): new network, PID, mount, IPC and
+   UTS namespaces (plus a user namespace when not root). No network: only a loopback
+   device that is down. Processes: the program runs under an init of its own, so every
+   process it started dies with the PID namespace, and on a timeout the launcher reaps
+   that init (no zombie). Files: an allow-list root. The new root is an empty tmpfs into
+   which only the Python installation and the shared libraries (read-only), a fresh
+   /proc, /dev/{null,zero,urandom,random} and the work dir are mounted, then pivot_root
+   detaches the host's tree: no host data, repo, home or socket exists inside, whatever
+   the path. The work dir (cwd, HOME, TMPDIR) is a tmpfs of `disk_mb`, the disk budget,
+   that lives only in the run's mount namespace and so vanishes with it.
 3. An audit hook (PEP 578) installed before the program's first line refuses sockets,
-   fork/exec/spawn/subprocess, kill, ctypes and gc introspection, writing anywhere but
-   the temp dir, and reading anything but the temp dir and the standard library. It
-   is what remains where namespaces are refused (some containers, hosts with
-   unprivileged user namespaces turned off), and it is no boundary against code built
-   to escape it (CPython's own warning), which is why layers 1 and 2 exist.
+   fork/exec/spawn/subprocess, kill, ctypes and gc introspection, importing a refused
+   module (matched on the last component of its name, so a renamed `x._posixsubprocess`
+   is refused too), writing anywhere but the work dir, and reading anything but it and
+   the standard library. It is what remains where namespaces are refused, and it is no
+   boundary against code built to escape it (CPython's own warning).
+
+`isolation_problem()` says, in one line, whether this host gives every kernel layer; the
+RL stages refuse to start the code rewards without them unless
+`rl.sandbox.require_isolation` is false.
 
 The environment is empty but for PATH, HOME, TMPDIR and LANG: nothing of the caller's
-(tokens, keys) reaches the program. The temp dir is deleted afterwards.
+(tokens, keys) reaches the program. The caller's temp dir (only solution.py, or the
+program's files where there is no mount namespace) is removed with `rm -rf` in a
+subprocess (an iterative fallback), never by recursion in Python, and cleanup never raises.
 """
 
 from __future__ import annotations
@@ -40,7 +50,6 @@ import math
 import os
 import random
 import selectors
-import shutil
 import signal
 import stat
 import subprocess
@@ -50,8 +59,6 @@ import time
 from dataclasses import dataclass, field, fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Hidden inside the mount namespace, besides the repo, the caller's home and the temp root.
-HIDDEN_DIRS = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run", "/mnt", "/media", "/srv")
 # Exit code the program's process uses to say "MemoryError"; reported as status "memory".
 MEMORY_EXIT = 213
 # The fresh uid a root caller drops to is drawn from here (no passwd entry needed).
@@ -67,6 +74,8 @@ class Limits:
     file_size_mb: int = 16      # largest file it may write
     open_files: int = 64
     output_bytes: int = 65536   # stdout and stderr are each cut to this many bytes
+    disk_mb: int = 64           # size of the run's work dir (a tmpfs), all files together
+    run_memory_mb: int = 1024   # memory of the whole run (a cgroup), its files in the work dir included
 
     def __post_init__(self):
         for f in fields(self):
@@ -83,7 +92,34 @@ class Outcome:
     stdout: str
     stderr: str
     wall_s: float
-    isolation: list[str] = field(default_factory=list)  # e.g. ["net", "pid", "mount", "uid"]
+    isolation: list[str] = field(default_factory=list)  # e.g. ["net", "pid", "root", "disk", "cgroup"]
+    isolation_errors: list[str] = field(default_factory=list)  # why a layer is missing, one line each
+
+
+# What a run must report in `Outcome.isolation` for `isolation_problem` to be satisfied.
+REQUIRED_ISOLATION = ("net", "pid", "ipc", "mount", "disk", "read-only", "cgroup")
+_isolation_checked: list = []
+
+
+def isolation_problem() -> str | None:
+    """None when a probe run gets every kernel layer; else one line saying what is missing and why."""
+    if not _isolation_checked:
+        out = run_sandboxed("print('ok')", limits=Limits(wall_s=60))
+        got = set(out.isolation)
+        missing = [name for name in REQUIRED_ISOLATION if name not in got]
+        if not got & {"root", "chroot"}:
+            missing.append("root")
+        if not got & {"uid", "userns"}:
+            missing.append("uid")
+        if out.status != "ok" or out.stdout.strip() != "ok":
+            problem = f"a probe run ended {out.status}: {out.stderr.strip()[-300:]!r}"
+        elif missing:
+            problem = f"missing {', '.join(missing)}" + (f" ({'; '.join(out.isolation_errors)})"
+                                                          if out.isolation_errors else "")
+        else:
+            problem = None
+        _isolation_checked.append(problem)
+    return _isolation_checked[0]
 
 
 def run_sandboxed(source: str, stdin: str = "", limits: Limits = Limits()) -> Outcome:
@@ -107,6 +143,7 @@ def _run(source: str, stdin: str, limits: Limits, audit_hook: bool = True, names
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="qwen3-sandbox-"))
     uid = SANDBOX_UID_BASE + random.SystemRandom().randrange(1 << 24) if os.geteuid() == 0 else None
     report_r, report_w = os.pipe()
+    group = None
     try:
         with open(os.path.join(workdir, "solution.py"), "wb") as f:
             f.write(source_bytes)
@@ -114,13 +151,13 @@ def _run(source: str, stdin: str, limits: Limits, audit_hook: bool = True, names
             os.chown(workdir, uid, uid)
             os.chown(os.path.join(workdir, "solution.py"), uid, uid)
         python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+        group = _Cgroup.create(os.path.basename(workdir), limits)
         cfg = {
             "workdir": workdir, "python": python, "uid": uid, "report_fd": report_w,
             "audit_hook": audit_hook, "namespaces": namespaces,
             "limits": {f.name: getattr(limits, f.name) for f in fields(limits)},
-            "hide": _dirs_to_hide(),
-            "keep": sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix,
-                                                           os.path.dirname(python))}),
+            "binds": _allowed_paths(python), "links": _root_links(),
+            "cgroup": group.procs if group else [], "cgroup_error": _Cgroup.why_not if group is None else None,
         }
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin.encode("utf-8", "surrogatepass"))
@@ -135,28 +172,244 @@ def _run(source: str, stdin: str, limits: Limits, audit_hook: bool = True, names
                 env=_child_env(workdir), start_new_session=True, pass_fds=(report_w,))
         os.close(report_w)
         report_w = -1
-        outcome = _collect(proc, report_r, limits, start)
+        outcome = _collect(proc, report_r, limits, start, group)
         if uid is not None and "pid" not in outcome.isolation:
             _kill_user(uid)
         return outcome
     finally:
-        for fd in (report_r, report_w):
-            if fd >= 0:
-                os.close(fd)
-        shutil.rmtree(workdir, onerror=_force_remove)
+        try:  # nothing here may raise: run_sandboxed never does for what the program did
+            for fd in (report_r, report_w):
+                if fd >= 0:
+                    os.close(fd)
+            if group is not None:
+                group.remove()
+            _remove_tree(workdir)
+        except Exception:  # noqa: BLE001
+            pass
 
 
-def _dirs_to_hide() -> list[str]:
-    candidates = [*HIDDEN_DIRS, REPO, os.path.expanduser("~"), tempfile.gettempdir()]
-    # the temp dir itself is bound back in after its parent is hidden
-    return sorted({os.path.realpath(p) for p in candidates} - {"/"})
+# Read-only in the sandbox's root besides the Python installation: the shared libraries
+# the interpreter and its extension modules load, and the dynamic linker's cache.
+LIBRARY_PATHS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32",
+                 "/usr/libx32", "/etc/ld.so.cache")
+
+
+def _allowed_paths(python: str) -> list[str]:
+    """The host paths bound read-only into the sandbox's otherwise empty root."""
+    paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(python))}
+    paths |= {os.path.realpath(p) for p in LIBRARY_PATHS if os.path.exists(p)}
+    kept: list[str] = []
+    for path in sorted(paths - {"/"}, key=len):  # a path under one already kept comes with it
+        if not any(path.startswith(k + os.sep) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _root_links() -> list[list[str]]:
+    """Top-level symlinks among the library paths (/lib -> usr/lib), recreated in the sandbox."""
+    return [[p, os.readlink(p)] for p in LIBRARY_PATHS if os.path.islink(p)]
+
+
+def _remove_tree(path: str) -> None:
+    """Delete `path` without recursion in Python and without raising (RecursionError included)."""
+    try:
+        if os.geteuid() != 0:  # the program may have left directories it cannot search
+            subprocess.run(["chmod", "-R", "u+rwx", "--", path], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    except Exception:  # noqa: BLE001 - no rm here: the loop below
+        pass
+    try:
+        if os.path.lexists(path):
+            _remove_tree_iteratively(path)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _remove_tree_iteratively(path: str) -> None:
+    """Depth-first with a list of names and one open directory at a time (no fd or stack limit)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
+    names: list[str] = []  # the directories below `path` we are in
+    stuck: set[tuple[int, int]] = set()
+    while True:
+        child = None
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            if (st.st_dev, st.st_ino) not in stuck:
+                                child = entry.name
+                                break
+                        else:
+                            os.unlink(entry.name, dir_fd=fd)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+        if child is not None:
+            try:
+                os.chmod(child, stat.S_IRWXU, dir_fd=fd)
+            except OSError:
+                pass
+            try:
+                new = os.open(child, flags, dir_fd=fd)
+            except OSError:
+                try:
+                    st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    stuck.add((st.st_dev, st.st_ino))
+                except OSError:
+                    os.close(fd)
+                    return
+                continue
+            os.close(fd)
+            fd = new
+            names.append(child)
+            continue
+        if not names:
+            os.close(fd)
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+            return
+        parent = os.open("..", flags, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        name = names.pop()
+        try:
+            os.rmdir(name, dir_fd=fd)
+        except OSError:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                stuck.add((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+
+
+class _Cgroup:
+    """The run's cgroup: memory and process count of the whole run (v1 or v2), made by the caller."""
+
+    why_not: str | None = None  # why the last `create` gave None, for Outcome and isolation_problem
+
+    def __init__(self, version: int, dirs: list[str], limits: Limits):
+        self.version, self.dirs, self.limits = version, dirs, limits
+        self.procs = [os.path.join(d, "cgroup.procs") for d in dirs]
+
+    @classmethod
+    def create(cls, name: str, limits: Limits) -> "_Cgroup | None":
+        made: list[str] = []
+        try:
+            memory = str(int(limits.run_memory_mb * 2**20))
+            pids = str(int(limits.processes) + 2)  # the launcher and the run's init
+            if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v2, unified
+                own = _own_cgroup("")
+                parent = "/sys/fs/cgroup" + own
+                with open(os.path.join(parent, "cgroup.controllers")) as f:
+                    if not {"memory", "pids"} <= set(f.read().split()):
+                        raise OSError("the memory and pids controllers are not delegated to "
+                                      f"{parent}")
+                path = os.path.join(parent, name)
+                os.mkdir(path)
+                made.append(path)
+                for file, value in (("memory.max", memory), ("memory.swap.max", "0"), ("pids.max", pids)):
+                    if file == "pids.max" or os.path.exists(os.path.join(path, file)):
+                        _write(os.path.join(path, file), value)
+                cls.why_not = None
+                return cls(2, made, limits)
+            for controller in ("memory", "pids"):
+                base = f"/sys/fs/cgroup/{controller}"
+                if not os.path.isdir(base):
+                    raise OSError(f"no {base}")
+                path = os.path.join(base + _own_cgroup(controller), name)
+                os.mkdir(path)
+                made.append(path)
+            _write(os.path.join(made[0], "memory.limit_in_bytes"), memory)
+            if os.path.exists(os.path.join(made[0], "memory.memsw.limit_in_bytes")):
+                _write(os.path.join(made[0], "memory.memsw.limit_in_bytes"), memory)
+            _write(os.path.join(made[1], "pids.max"), pids)
+            cls.why_not = None
+            return cls(1, made, limits)
+        except Exception as e:  # noqa: BLE001 - reported; the rlimits still hold per process
+            for path in reversed(made):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+            cls.why_not = f"no cgroup for the run ({type(e).__name__}: {e})"
+            return None
+
+    def oom_killed(self) -> bool:
+        name, key = ("memory.events", "oom_kill") if self.version == 2 else ("memory.oom_control", "oom_kill")
+        try:
+            with open(os.path.join(self.dirs[0], name)) as f:
+                return any(line.split()[:1] == [key] and int(line.split()[1]) > 0 for line in f)
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL whatever is still in the cgroup (nothing, normally: the PID namespace is gone)."""
+        for _ in range(50):
+            pids = []
+            for procs in self.procs:
+                try:
+                    with open(procs) as f:
+                        pids += [int(p) for p in f.read().split()]
+                except (OSError, ValueError):
+                    pass
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.02)
+
+    def remove(self) -> None:
+        self.kill()
+        for path in self.dirs:
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+def _own_cgroup(controller: str) -> str:
+    """This process's cgroup path in the hierarchy of `controller` ("" for v2's unified one)."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            if (controller == "" and names == "") or controller in names.split(","):
+                return path.rstrip("/")
+    raise OSError(f"no {controller or 'v2'} cgroup in /proc/self/cgroup")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _child_env(workdir: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
 
 
-def _collect(proc: subprocess.Popen, report_r: int, limits: Limits, start: float) -> Outcome:
+def _collect(proc: subprocess.Popen, report_r: int, limits: Limits, start: float,
+             group: "_Cgroup | None") -> Outcome:
     """Read stdout, stderr and the launcher's report until they close or the deadline passes."""
     cap = int(limits.output_bytes)
     stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
@@ -195,21 +448,28 @@ def _collect(proc: subprocess.Popen, report_r: int, limits: Limits, start: float
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    if group is not None:
+        group.kill()
     report = _report(out[report_r])
     stdout = bytes(out[stdout_fd][:cap]).decode("utf-8", "replace")
     stderr = bytes(out[stderr_fd][:cap]).decode("utf-8", "replace")
     wall = time.monotonic() - start
     isolation = report.get("isolation", [])
+    errors = [str(report[k]) for k in ("namespace_error", "cgroup_error") if report.get(k)]
+    oom = group is not None and group.oom_killed()
     if timed_out:
-        return Outcome("timeout", None, stdout, stderr, wall, isolation)
+        return Outcome("timeout", None, stdout, stderr, wall, isolation, errors)
+    if oom and "exit" not in report:  # the kernel's OOM killer took the run's init
+        return Outcome("memory", proc.returncode, stdout, stderr, wall, isolation, errors)
     if "error" in report or "exit" not in report:
         why = report.get("error", f"the sandbox launcher exited {proc.returncode}")
-        return Outcome("sandbox_error", proc.returncode, stdout, (stderr + "\n" + why).strip(), wall, isolation)
+        return Outcome("sandbox_error", proc.returncode, stdout, (stderr + "\n" + why).strip(), wall,
+                       isolation, errors)
     code = report["exit"]
-    if code == 0:
-        status = "ok"
-    elif code == MEMORY_EXIT:
+    if code == MEMORY_EXIT or oom:  # the run went over its memory, whichever process the kernel took
         status = "memory"
+    elif code == 0:
+        status = "ok"
     elif code == -signal.SIGXCPU or code == -signal.SIGKILL and report.get("cpu_s", 0) >= limits.cpu_s:
         status = "timeout"  # the soft CPU limit, or the hard one a second later
     elif code == -signal.SIGXFSZ:
@@ -218,7 +478,7 @@ def _collect(proc: subprocess.Popen, report_r: int, limits: Limits, start: float
         status = "killed"
     else:
         status = "error"
-    return Outcome(status, code, stdout, stderr, wall, isolation)
+    return Outcome(status, code, stdout, stderr, wall, isolation, errors)
 
 
 def _report(raw: bytearray) -> dict:
@@ -232,11 +492,15 @@ def _report(raw: bytearray) -> dict:
 
 
 def _kill_run(proc: subprocess.Popen, report: dict) -> None:
-    # The init of the run's PID namespace first: every process in it dies with it.
-    if "init_pid" in report and proc.poll() is None:
+    # The init of the run's PID namespace first: every process in it dies with it. Then the
+    # launcher reaps it and exits (no zombie init); the launcher is killed only if it does not.
+    if proc.poll() is None:
         try:
-            os.kill(report["init_pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            if "init_pid" in report:
+                os.kill(report["init_pid"], signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGTERM)  # the launcher kills and reaps its init, then exits
+            proc.wait(timeout=2)
+        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -271,19 +535,6 @@ def _kill_user(uid: int) -> None:
         time.sleep(0.05)
 
 
-def _force_remove(function, path, _exc_info) -> None:
-    # the program may have left a directory without write or search permission
-    try:
-        os.chmod(os.path.dirname(path), stat.S_IRWXU)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, stat.S_IRWXU)
-            shutil.rmtree(path, onerror=lambda *a: None)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
 # ---------------------------------------------------------------------------------------------
 # Inside the sandbox. `_launch` runs in the launcher process (`python -I -S -c`), before any
 # untrusted code; it loads this file by path, so nothing here may import from the repo.
@@ -292,14 +543,18 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (a post-4.x syscall)
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 217, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+DEVICES = ("null", "zero", "urandom", "random")
 
 
 def _launch(cfg: dict) -> None:
-    """Limits, namespaces, then the run's init (mounts, uid drop) which starts the program."""
+    """Cgroup, limits, namespaces, then the run's init (new root, uid drop) which starts the program."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -309,6 +564,21 @@ def _launch(cfg: dict) -> None:
     def note(**kv) -> None:
         os.write(report_fd, (json.dumps(kv) + "\n").encode())
 
+    in_cgroup = bool(cfg["cgroup"])
+    try:  # before anything else, so every process of the run is counted
+        for procs in cfg["cgroup"]:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+    except OSError as e:
+        in_cgroup = False
+        note(cgroup_error=f"cannot join the run's cgroup: {e}")
+    if cfg.get("cgroup_error"):
+        note(cgroup_error=cfg["cgroup_error"])
+    try:  # the OOM killer spares the launcher and the init (the program resets its own score)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError:
+        pass
     limits = cfg["limits"]
     _set_limits(limits)
     root = os.geteuid() == 0
@@ -318,20 +588,34 @@ def _launch(cfg: dict) -> None:
     namespaces = cfg["namespaces"] and libc.unshare(flags) == 0
     if cfg["namespaces"] and not namespaces:
         note(namespace_error=os.strerror(ctypes.get_errno()))
-    elif not root:
+    elif namespaces and not root:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
-    launcher = os.getpid()
+    launcher, child = os.getpid(), []
+
+    def end(*_) -> None:  # SIGTERM from the caller: end the run, leaving no zombie init
+        for pid in child:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, end)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # until the init's pid is known
     init = os.fork()
     if init == 0:
         try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() not in (launcher, 0):  # 0: the parent is outside our PID namespace
                 os._exit(1)  # the launcher died before PDEATHSIG was armed
             isolation = ["net", "pid", "ipc"] if namespaces else []
             if namespaces:
-                isolation += _isolate_files(libc, cfg, note)
+                isolation += _new_root(libc, cfg, uid, gid)
             if root and (namespaces or _reachable_by_others(cfg["python"])):
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
@@ -339,10 +623,14 @@ def _launch(cfg: dict) -> None:
                 isolation.append("uid")
             elif not root:
                 isolation.append("userns" if namespaces else "same-uid")
+            if in_cgroup:
+                isolation.append("cgroup")
             _run_init(libc, cfg, isolation, namespaces, note)
         except BaseException as e:  # noqa: BLE001 - reported to the caller as a sandbox error
             note(error=f"sandbox set-up failed: {type(e).__name__}: {e}")
         os._exit(1)
+    child.append(init)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     note(init_pid=init)
     os.waitpid(init, 0)
     os._exit(0)
@@ -360,60 +648,86 @@ def _set_limits(limits: dict) -> None:
         resource.setrlimit(getattr(resource, name), (value, hard))
 
 
-def _isolate_files(libc, cfg: dict, note) -> list[str]:
-    """Inside the new mount namespace: read-only tree, tmpfs over private places, binds back."""
+def _new_root(libc, cfg: dict, uid: int, gid: int) -> list[str]:
+    """In the new mount namespace, an allow-list root: an empty tmpfs into which only the
+    Python installation and the shared libraries (read-only), a size-capped tmpfs as the
+    work dir (read-write), a fresh /proc and /dev/{null,zero,urandom,random} are mounted;
+    then pivot_root into it and detach the host's tree. Any failure raises: the run is
+    then a sandbox error, never a run with half a root."""
     import ctypes
+    import platform
 
-    def mount(source, target, fstype, flags, data=None) -> bool:
-        enc = (lambda s: s.encode() if s is not None else None)
-        return libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
+    def mount(source, target, fstype, flags, data=None) -> None:
+        enc = (lambda v: v.encode() if v is not None else None)
+        if libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {source} on {target}: {os.strerror(ctypes.get_errno())}")
 
-    def fail(what: str) -> None:
-        note(mount_error=f"{what}: {os.strerror(ctypes.get_errno())}")
+    def kept_flags(path: str) -> int:  # flags a bind mount in a user namespace may not drop
+        return os.statvfs(path).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME
+                                          | MS_RELATIME)
 
-    done = []
-    if not mount(None, "/", None, MS_REC | MS_PRIVATE):
-        fail("private /")
-        return done  # without private propagation our mounts would show up outside
-    done.append("mount")
     workdir = cfg["workdir"]
-    keep = [(p, False) for p in cfg["keep"]] + [(workdir, True)]
-    fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path, _ in keep}
+    with open(os.path.join(workdir, "solution.py"), "rb") as f:
+        source = f.read()
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount shows up outside
+    new = workdir  # the host's work dir is only the mount point of the new root
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,nr_inodes=4096,mode=755")
+    done = ["mount"]
 
-    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-    if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), 32) == 0:
-        done.append("read-only")
-    else:
-        fail("read-only /")
+    def inside(path: str) -> str:
+        return new + path
 
-    hidden: list[str] = []
-    for path in sorted(cfg["hide"], key=len):
-        if not os.path.isdir(path) or any(path.startswith(h + os.sep) for h in hidden):
-            continue
-        if mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755"):
-            hidden.append(path)
+    for link, target in cfg["links"]:
+        os.makedirs(os.path.dirname(inside(link)), exist_ok=True)
+        os.symlink(target, inside(link))
+    for path in cfg["binds"]:
+        if os.path.isdir(path):
+            os.makedirs(inside(path), exist_ok=True)
         else:
-            fail(f"hide {path}")
-    if hidden:
-        done.append("hidden")
+            os.makedirs(os.path.dirname(inside(path)), exist_ok=True)
+            open(inside(path), "wb").close()
+        mount(path, inside(path), None, MS_BIND | MS_REC)
+        mount(None, inside(path), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | kept_flags(path))
+        attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)  # and mounts below it
+        libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, inside(path).encode(), AT_RECURSIVE, ctypes.byref(attr), 32)
 
-    for path, writable in keep:
-        if not writable and not any(path.startswith(h + os.sep) or path == h for h in hidden):
-            continue  # still visible, and read-only with the rest of the tree
-        os.makedirs(path, exist_ok=True)
-        flags = MS_NOSUID | MS_NODEV | (MS_NOEXEC if writable else MS_RDONLY)
-        if not (mount(f"/proc/self/fd/{fds[path]}", path, None, MS_BIND | MS_REC)
-                and mount(None, path, None, MS_REMOUNT | MS_BIND | flags)):
-            fail(f"bind {path}")
-    for fd in fds.values():
-        os.close(fd)
+    os.makedirs(inside("/dev"))
+    mount("tmpfs", inside("/dev"), "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=755")
+    for name in DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            open(inside(f"/dev/{name}"), "wb").close()
+            mount(f"/dev/{name}", inside(f"/dev/{name}"), None, MS_BIND)
+    mount(None, inside("/dev"), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
-    if mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC):
+    disk_mb = max(1, int(cfg["limits"]["disk_mb"]))
+    os.makedirs(inside(workdir))
+    mount("tmpfs", inside(workdir), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          f"size={disk_mb}m,nr_inodes={max(1024, 256 * disk_mb)},mode=700,uid={uid},gid={gid}")
+    with open(inside(os.path.join(workdir, "solution.py")), "wb") as f:
+        f.write(source)
+    os.chown(inside(os.path.join(workdir, "solution.py")), uid, gid)
+    done.append("disk")
+
+    os.makedirs(inside("/proc"))
+    try:
+        mount("proc", inside("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         done.append("proc")
-    elif mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1m"):
-        done.append("no-proc")  # e.g. a container whose /proc has masked paths
-    else:
-        fail("proc")
+    except OSError:  # e.g. a container whose /proc has masked paths
+        mount("tmpfs", inside("/proc"), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=555")
+        done.append("no-proc")
+
+    os.chdir(new)
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is not None and libc.syscall(number, b".", b".") == 0:
+        if libc.umount2(b".", MNT_DETACH) != 0:  # the old root, stacked under the new one
+            raise OSError(ctypes.get_errno(), "cannot detach the host's root")
+        done.append("root")
+    else:  # e.g. a root that is no mount point: chroot, the host's tree kept but out of reach
+        os.chroot(".")
+        done.append("chroot")
+    os.chdir("/")
+    mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    done.append("read-only")
     return done
 
 
@@ -441,6 +755,11 @@ def _run_init(libc, cfg: dict, isolation: list[str], namespaces: bool, note) -> 
     if program == 0:
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write("0")
+            except OSError:
+                pass
             argv = [cfg["python"], "-I", "-S", "-B", "-c", _PROGRAM, workdir,
                     "1" if cfg["audit_hook"] else "0", str(MEMORY_EXIT)]
             os.execve(cfg["python"], argv, _child_env(workdir))
@@ -491,7 +810,7 @@ def _make_hook(workdir, read_roots):
         if event in refused:
             raise Refused(f"sandbox: {event} is not allowed")
         if event == "import":
-            if args[0] in refused_modules:
+            if str(args[0]).rpartition(".")[2] in refused_modules:
                 raise Refused(f"sandbox: importing {args[0]} is not allowed")
         elif event == "open":
             path, mode, flags = args
