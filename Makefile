@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-slow test-all pipeline-mini params bench-data bench-train bench-rollout slurm-up slurm-down clean
+.PHONY: setup test test-slow test-all test-gpu pipeline-mini params bench-data bench-train bench-rollout slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test-slow: setup
 # Everything that can run here; `gpu` tests skip themselves without CUDA.
 test-all: setup
 	$(PY) -m pytest -q -m "" tests
+
+# The single-GPU smoke suite (`gpu` tests, under 10 minutes on one H100/H200) with the
+# container's Python, not .venv's CPU torch: NVIDIA's PyTorch image brings torch, TE and apex;
+# requirements-gpu.txt is installed on top when a package is missing. Prints a line per check
+# and the totals; without CUDA, one line and exit 0. GPU_PY=... picks another interpreter.
+GPU_PY ?= python3
+test-gpu:
+	@GPU_PY="$(GPU_PY)" bash tests/gpu_smoke.sh
 
 # Both Qwen3 training paths end to end with tiny models on generated data (flagship: S1-S3,
 # cold start, reasoning RL, fusion, general RL; small: S1-S3, off- and on-policy distillation),

@@ -9,9 +9,10 @@ For each model, in one invocation:
   ours  `recipes.engine.build_engine` + `Engine.train_step`, the step the training loop
         runs (megatron-core schedule, DDP with fp32 main grads, distributed optimizer,
         Adam, grad clipping at 1.0), on a single-rank world from
-        `model.parallel.init_distributed`; the Transformer Engine spec and FP8
-        (`--precision fp8_*`, through `recipes.train.resolve_precision`) on a GPU with TE,
-        megatron-core's local spec on CPU.
+        `model.parallel.init_distributed`; the Transformer Engine spec with the GPU
+        path's fusions and DDP overlap (model.builder) and FP8 (`--precision fp8_*`,
+        through `recipes.train.resolve_precision`) on a GPU with TE, megatron-core's local
+        spec on CPU.
   HF    transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM loaded from the same
         safetensors with attn_implementation="sdpa" (MoE experts: transformers' default,
         grouped_mm where it can), parameters in the run's dtype (bf16 for FP8 runs, which

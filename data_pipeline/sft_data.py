@@ -44,6 +44,11 @@ class SFTData:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def packed(self) -> bool:
+        """Whether rows hold several conversations (sft.data.pack) or one each."""
+        return bool(self.stats.get("pack", True))
+
 
 def input_files(files) -> list[Path]:
     paths = [Path(str(f)) for f in ([files] if isinstance(files, (str, Path)) else list(files or []))]
@@ -106,7 +111,10 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def assemble(triples: list, bins: list[list[int]], seq_length: int, pad_id: int) -> dict:
+def assemble(triples: list, bins: list[list[int]], seq_length: int, pad_id: int, document_multiple: int = 1) -> dict:
+    """Rows of `seq_length` from the packed `bins`. Each conversation takes a multiple of
+    `document_multiple` positions: its padding (no loss) joins its segment, so that every
+    document boundary falls on a multiple; causal attention keeps it from the tokens before."""
     rows = len(bins)
     out = {"tokens": np.full((rows, seq_length), pad_id, np.int32),
            "labels": np.full((rows, seq_length), pad_id, np.int32),
@@ -120,8 +128,9 @@ def assemble(triples: list, bins: list[list[int]], seq_length: int, pad_id: int)
             out["tokens"][r, at:at + n] = inputs
             out["labels"][r, at:at + n] = labels
             out["loss_mask"][r, at:at + n] = mask
-            out["segment_ids"][r, at:at + n] = seg
-            at += n
+            span = -(-n // document_multiple) * document_multiple
+            out["segment_ids"][r, at:at + span] = seg
+            at += span
         out["segment_ids"][r, at:] = len(items)
     return out
 
@@ -138,14 +147,22 @@ def _fingerprint(paths: list[Path], tokenizer_dir: Path, settings: dict) -> str:
 
 
 def build(files, tokenizer_dir, seq_length: int, cache_dir, overlength: str = "drop", pack_rows: bool = True,
-          progress: bool = True) -> tuple[SFTData, Path]:
-    """Tokenize and pack (or load the cached result). Returns the data and its cache dir."""
+          progress: bool = True, document_multiple: int = 1) -> tuple[SFTData, Path]:
+    """Tokenize and pack (or load the cached result). Returns the data and its cache dir.
+
+    `document_multiple`: every packed conversation is padded to a multiple of it (context
+    parallelism on the THD path splits each document into 2*cp chunks; the caller's
+    model.parallel.sequence_multiple)."""
     from data_pipeline.tokenizer import eod_id, load_tokenizer
 
     paths = input_files(files)
     if overlength not in OVERLENGTH:
         raise ConfigError(f"sft.data.overlength={overlength!r} must be one of {OVERLENGTH}")
+    if seq_length % document_multiple:
+        raise ConfigError(f"seq_length={seq_length} is not a multiple of the document multiple {document_multiple}")
     settings = {"seq_length": seq_length, "overlength": overlength, "pack": pack_rows}
+    if document_multiple > 1:   # absent otherwise, so that earlier caches keep their keys
+        settings["document_multiple"] = document_multiple
     key = _fingerprint(paths, Path(tokenizer_dir), settings)
     target = Path(cache_dir) / f"sft_{key}"
     if (target / "stats.json").is_file():
@@ -172,8 +189,9 @@ def build(files, tokenizer_dir, seq_length: int, cache_dir, overlength: str = "d
         raise ConfigError(f"no usable SFT conversations in {', '.join(map(str, paths))} "
                           f"(skipped: {dict(skipped)})")
     lengths = [len(t[0]) for t in triples]
-    bins = pack(lengths, seq_length) if pack_rows else [[i] for i in range(len(triples))]
-    arrays = assemble(triples, bins, seq_length, eod_id(tokenizer))
+    spans = [-(-n // document_multiple) * document_multiple for n in lengths]
+    bins = pack(spans, seq_length) if pack_rows else [[i] for i in range(len(triples))]
+    arrays = assemble(triples, bins, seq_length, eod_id(tokenizer), document_multiple)
     stats = {
         "conversations_read": conversations + unreadable,
         "conversations_used": len(triples),
@@ -216,7 +234,8 @@ def describe(stats: dict) -> str:
 
 
 class SFTSamples:
-    """Row i of an endless, epoch-wise reshuffled stream over the packed rows.
+    """Row i of an endless, epoch-wise reshuffled stream over the rows (packed rows with
+    their `segment_ids`; unpacked rows without).
 
     Sample index -> row is a pure function of (index, seed), so a resumed run sees
     exactly the rows an uninterrupted one would.
@@ -238,9 +257,14 @@ class SFTSamples:
         from model.packing import segment_positions
 
         r = self._row(index)
+        row = {"tokens": np.array(self.data.tokens[r], np.int64),
+               "labels": np.array(self.data.labels[r], np.int64),
+               "loss_mask": np.array(self.data.loss_mask[r], np.float32)}
+        if not self.data.packed:
+            # One conversation, then padding without loss: plain causal attention keeps the
+            # padding out of every loss position, so the row needs no segment_ids, and no
+            # THD on the TE path, which would allow only one row per micro-batch.
+            return {**row, "position_ids": np.arange(len(row["tokens"]))}
         segments = torch.from_numpy(np.array(self.data.segment_ids[r], np.int64))
-        return {"tokens": np.array(self.data.tokens[r], np.int64),
-                "labels": np.array(self.data.labels[r], np.int64),
-                "loss_mask": np.array(self.data.loss_mask[r], np.float32),
-                "segment_ids": segments.numpy(),
+        return {**row, "segment_ids": segments.numpy(),
                 "position_ids": segment_positions(segments.unsqueeze(0))[0].numpy()}

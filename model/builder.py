@@ -4,11 +4,16 @@ Call `model.parallel.init_distributed` first: megatron-core reads the parallel s
 when it builds layers. `build_model` returns one module per virtual pipeline stage
 (a single-element list without VPP), which is what megatron-core's schedules, DDP
 and optimizer take.
+
+It also holds what the GPU (Transformer Engine) path changes for speed and the CPU path
+does not: the fusions, gradient-accumulation fusion, DDP's communication overlap and the
+optimizer checkpoint format (`TRAINING_DEFAULTS`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +39,75 @@ _LOCAL_SPEC_FUSIONS = dict(
     moe_permute_fusion=False,
     moe_router_fusion=False,
 )
-_TE_FUSIONS = dict(bias_activation_fusion=True, apply_rope_fusion=True, moe_permute_fusion=True)
+
+# What the GPU (Transformer Engine) path does for speed, in one place: the fusions of every
+# model built on it (training, evaluation, generation; transformer_config), what a model
+# trained by megatron-core's DDP adds (training_overrides), and how DDP, the distributed
+# optimizer and its checkpoints run (TRAINING_DEFAULTS). The CPU (local spec) path keeps
+# megatron-core's plain defaults: they are what its tests measure.
+_TE_FUSIONS = dict(
+    bias_activation_fusion=True,   # SwiGLU's gate, activation and product in one kernel
+    apply_rope_fusion=True,        # TE's fused rotary embedding
+    moe_permute_fusion=True,       # TE's fused token permutation to and from the experts
+    # megatron-core's vocab-parallel cross entropy jit-fused (its "native" implementation, not
+    # TE's kernel): the same fp32 math over the [tokens, vocab / tp] logits in three fused
+    # kernels instead of one element-wise pass after another over that slice, which at
+    # Qwen3's 151,936-row vocabulary is a small model's largest tensor
+    cross_entropy_loss_fusion=True,
+    # the residual adds through megatron-core's jit-fused bias-dropout-add; Qwen3 has neither
+    # bias nor dropout, so this compiles the add alone: a small effect (Megatron-LM's
+    # training scripts turn it on by default; megatron-core's config leaves it off)
+    bias_dropout_fusion=True,
+)
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """How megatron-core's DDP, the distributed optimizer and the optimizer checkpoints run on
+    one path (recipes.engine.ddp_config, recipes.checkpointing; model.plan prices them)."""
+
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool      # with the distributed optimizer only
+    optimizer_checkpoint: str       # megatron-core's distrib_optim_sharding_type
+
+
+TRAINING_DEFAULTS = {
+    # GPU: gradients are reduce-scattered (all-reduced without the distributed optimizer)
+    # bucket by bucket while the last micro-batch's backward still runs, and the updated
+    # parameters all-gathered bucket by bucket just ahead of the next forward that needs
+    # them, on NCCL's own stream, so data-parallel communication hides behind compute.
+    # Checkpoints save the optimizer state as each rank holds it: no gather at any save
+    # (fully_reshardable all-gathers fp32 master weights and both Adam moments of the whole
+    # model shard, 12 bytes per parameter, into every rank's host memory at every save: about
+    # 24 GB per GPU for Qwen3-8B at TP=4), at the cost that a resume keeps TP/PP/VPP/CP/EP/ETP
+    # and the data-parallel buckets (recipes.checkpointing; trainer.optimizer_checkpoint).
+    True: TrainingDefaults(overlap_grad_reduce=True, overlap_param_gather=True, optimizer_checkpoint="dp_reshardable"),
+    # CPU: megatron-core's defaults, which the CPU tests compare bit for bit (overlap runs
+    # collectives on CUDA streams, which model.cpu_compat makes no-ops): synchronous
+    # reductions, and optimizer checkpoints that load at any layout, whose gather costs
+    # nothing at the CPU's model sizes (the TP=2 -> TP=1 resume is tested on it).
+    False: TrainingDefaults(overlap_grad_reduce=False, overlap_param_gather=False,
+                            optimizer_checkpoint="fully_reshardable"),
+}
+
+
+def wgrad_fusion_available() -> bool:
+    """Whether weight gradients can be accumulated straight into DDP's fp32 `main_grad`
+    (gradient_accumulation_fusion): TE's linears do it themselves, but megatron-core's own
+    ColumnParallelLinear, the output layer in the TE spec too, needs apex's
+    `fused_weight_gradient_mlp_cuda` kernel and refuses the setting without it."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def training_overrides(use_te: bool) -> dict:
+    """TransformerConfig settings for a model that megatron-core's DDP trains
+    (recipes.engine.build_engine) on this path: gradient-accumulation fusion writes into
+    DDP's `main_grad` buffers, which neither inference nor the DeepSpeed engine has."""
+    return {"gradient_accumulation_fusion": use_te and wgrad_fusion_available()}
 
 
 def transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,

@@ -24,8 +24,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.mapping import (LocalNonpersistentObject, ShardedObject, ShardedTensor,
+                                                     ShardedTensorFactory)
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -166,7 +168,25 @@ def load_model(chunks, ckpt_dir: str | Path) -> None:
     """Collective: load weights from `ckpt_dir` into the model chunks (any layout)."""
     if not is_checkpoint(ckpt_dir):
         raise ConfigError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
-    apply_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(ckpt_dir)))
+    apply_model_state(chunks, load_sharded(model_sharded_state_dict(chunks), ckpt_dir))
+
+
+def load_sharded(sharded_sd: dict, ckpt_dir: str | Path) -> dict:
+    """Collective: megatron-core's load of `sharded_sd` (a model's, possibly with optimizer
+    and training state beside it) from `ckpt_dir`, where the extra states only Transformer
+    Engine's standalone norms keep (model.spec.TE_NORM_EXTRA_STATES) may be absent: a
+    checkpoint of the local spec then loads into the TE spec, those norms getting no extra
+    state (what TE's own set_extra_state(None) means: nothing to restore). Anything else
+    the request holds and the checkpoint lacks still fails the load."""
+    from model.spec import TE_NORM_EXTRA_STATES
+
+    wanted = [v for v in nested_values(sharded_sd)
+              if isinstance(v, ShardedObject) and v.key.endswith(TE_NORM_EXTRA_STATES)]
+    if wanted:   # only the TE spec asks for them: read which the checkpoint has (metadata only)
+        stored = {v.key for v in load_sharded_metadata(str(ckpt_dir)).values()}
+        absent = {id(v) for v in wanted if v.key not in stored}
+        dict_list_map_inplace(lambda v: LocalNonpersistentObject(None) if id(v) in absent else v, sharded_sd)
+    return dist_checkpointing.load(sharded_sd, str(ckpt_dir))
 
 
 def load_for_inference(ckpt_dir: str | Path, par, model_cfg: ModelConfig | None = None) -> list:

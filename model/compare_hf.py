@@ -1,6 +1,6 @@
 """Compare our megatron-core Qwen3 against HF transformers on the same tokens.
 
-    python -m model.compare_hf --hf-dir DIR --ckpt CKPT [--tp N --pp N --ep N] [--text "..."]
+    python -m model.compare_hf --hf-dir DIR --ckpt CKPT [--tp N --pp N --cp N --ep N] [--text "..."]
 
 Loads the HF model with transformers (Qwen3ForCausalLM / Qwen3MoeForCausalLM), our
 model from the megatron-core checkpoint at the given layout, runs both on the same
@@ -48,11 +48,11 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0)
 
 
 def is_reporting_rank() -> bool:
-    """The one rank that holds full logits: last PP stage, TP rank 0, DP rank 0."""
+    """The one rank that reports the full logits: last PP stage, TP, CP and DP rank 0."""
     from megatron.core import parallel_state as ps
 
     return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank() == 0)
+            and ps.get_context_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0)
 
 
 def compare(hf_dir: str | Path, ckpt: str | Path, par: ParallelConfig, tokens: torch.Tensor,
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context parallelism: each rank runs its share of the sequence")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     p.add_argument("--text", default=None, help="prompt to tokenize with the HF dir's tokenizer")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         from model.checkpoint import read_model_config
 
         cfg = read_model_config(args.ckpt)
-        par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=1 if args.ep > 1 else None,
+        par = ParallelConfig(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=1 if args.ep > 1 else None,
                              sp=args.tp > 1)
         validate_layout(cfg, par)
         relaunch_if_needed("model.compare_hf", argv, minimum_world_size(par))

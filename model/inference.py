@@ -1,8 +1,9 @@
-"""Full-vocabulary logits from megatron-core model chunks, at any TP/PP/EP layout.
+"""Full-vocabulary logits from megatron-core model chunks, at any TP/PP/CP/EP layout.
 
 Runs megatron-core's own pipeline schedule in forward-only mode, so pipeline stages
 exchange activations exactly as in training, then gathers the vocab-parallel logits
-over TP. Every rank must call it with the same tokens.
+over TP (and, with context parallelism, each rank's share of the sequence over CP).
+Every rank must call it with the same tokens.
 """
 
 from __future__ import annotations
@@ -10,16 +11,31 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, gather_from_tensor_model_parallel_region
 
-from model.packing import attention_inputs, segment_positions
-from model.parallel import te_available
+from model.context_parallel import model_inputs, width_multiple
+from model.packing import segment_positions
+from model.parallel import padded_width, te_available
 
 
 def model_device(chunks) -> torch.device:
     return next(chunks[0].parameters()).device
+
+
+def decode_rows(config, rows: int) -> int:
+    """The batch rows a KV-cache decode of `rows` sequences runs as. A decode step feeds one
+    token per row, so the row count is every GEMM's token count, which FP8 GEMMs need to be
+    a multiple of megatron-core's `get_fp8_align_size` (16; 32 for MXFP8); the caller adds
+    idle rows up to it and drops their logits. (Forwards over whole rows, `forward_only`,
+    pad the width instead.)"""
+    if not config.fp8:
+        return rows
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return padded_width(rows, get_fp8_align_size(config.fp8_recipe))
 
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
@@ -44,17 +60,14 @@ def logits_at(model, mask: torch.Tensor):
     gathered over TP and the layer runs without its own gather for that call, as
     megatron-core does for last-token logits in inference; the gather's gradient is split
     back (not reduce-scattered), since the layer then all-reduces its input gradient
-    itself. With context parallelism each rank holds part of the sequence, so the mask
-    does not describe its positions: all positions are projected and then selected.
+    itself. With context parallelism `mask` is this rank's share of the rows
+    (model.context_parallel.ModelInputs.take).
     """
     from megatron.core.utils import get_attr_wrapped_model
 
     inner = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
     if not inner.post_process:
         yield lambda output: output
-        return
-    if parallel_state.get_context_parallel_world_size() > 1:
-        yield lambda logits: logits[mask]
         return
     layer, gathered = inner.output_layer, []
 
@@ -138,45 +151,55 @@ def forward_only(chunks, tokens: torch.Tensor, segment_ids: torch.Tensor | None,
     """megatron-core's pipeline schedule in forward-only mode: `collect(vocab-parallel
     logits)` per micro-batch, in order, on last-pipeline-stage ranks; None on the others.
     The logits are [batch, seq, vocab / tp], or with `mask` [batch, seq] those at its
-    positions only, [n, vocab / tp] (`logits_at`)."""
+    positions only, [n, vocab / tp] (`logits_at`).
+
+    Rows of any width: they are padded at the end to what sequence and context parallelism
+    split (`model.context_parallel.width_multiple`), which causal attention keeps from
+    changing any earlier position, and the logits are cut back. With context parallelism
+    each rank runs its share of the sequence and the logits are gathered back into the
+    rows' order (model.context_parallel), equal to cp=1's."""
     for c in chunks:
         c.eval()
     device = model_device(chunks)
-    tokens = tokens.to(device)
-    segments = segment_ids.to(device) if segment_ids is not None else torch.zeros_like(tokens)
-    # The interleaved (VPP) schedule needs a multiple of pp micro-batches: feed one sequence each.
+    width = tokens.shape[1]
+    padded = padded_width(width, width_multiple(chunks[0].config))
+    tokens = F.pad(tokens.to(device), (0, padded - width))
+    # the padding is a document of its own in packed rows; in plain rows causality keeps it out
+    segments = None if segment_ids is None else torch.cat(
+        [segment_ids.to(device), (segment_ids.max() + 1).to(device).expand(len(tokens), padded - width)], 1)
     pick = mask is not None
-    masks = mask.to(device).bool() if pick else torch.ones_like(tokens, dtype=torch.bool)
-    pairs = list(zip(tokens.split(1), segments.split(1), masks.split(1))) if len(chunks) > 1 \
-        else [(tokens, segments, masks)]
-    microbatches = [p[0] for p in pairs]
+    masks = F.pad(mask.to(device).bool(), (0, padded - width)) if pick else torch.ones_like(tokens, dtype=torch.bool)
+    # The interleaved (VPP) schedule needs a multiple of pp micro-batches: feed one sequence each.
+    rows = torch.arange(len(tokens)).split(1) if len(chunks) > 1 else [torch.arange(len(tokens))]
 
     def forward_step(data_iterator, model):
-        batch, seg, where = next(data_iterator)
-        if segment_ids is None:
-            attention, packed, positions = None, None, position_ids_for(batch)
-        else:
-            attention, packed = attention_inputs(seg, use_te=te_available())
-            positions = segment_positions(seg)
+        r = next(data_iterator)
+        seg = None if segments is None else segments[r]
+        positions = position_ids_for(tokens[r]) if seg is None else segment_positions(seg)
+        x = model_inputs(tokens[r], positions, seg, use_te=te_available())
+        where = masks[r]
+        inputs = dict(attention_mask=x.attention_mask, packed_seq_params=x.packed_seq_params)
         if not pick:
-            output = model(batch, positions, attention_mask=attention, packed_seq_params=packed)
+            output = model(x.tokens, x.position_ids, **inputs)
         else:
-            with logits_at(model, where) as picked:
-                output = picked(model(batch, positions, attention_mask=attention, packed_seq_params=packed))
+            with logits_at(model, x.take(where)) as picked:
+                output = picked(model(x.tokens, x.position_ids, **inputs))
 
-        def collect_output(output_tensor, non_loss_data=False):
-            return collect(output_tensor)
+        def collect_output(logits, non_loss_data=False):
+            if x.shard is not None:
+                logits = x.shard.gather_rows(logits, where) if pick else x.shard.gather(logits)
+            return collect(logits if pick else logits[:, :width])
 
         return output, collect_output
 
-    data = iter(pairs) if len(chunks) == 1 else [iter(pairs) for _ in chunks]
+    data = iter(rows) if len(chunks) == 1 else [iter(rows) for _ in chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data,
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=tokens.shape[1],
-        micro_batch_size=microbatches[0].shape[0],
+        num_microbatches=len(rows),
+        seq_length=padded,
+        micro_batch_size=len(rows[0]),
         forward_only=True,
         collect_non_loss_data=True,
     )

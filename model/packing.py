@@ -13,7 +13,8 @@ to (padding is a segment of its own). From it:
   tests/test_sft.py checks packed logits against each document run alone.
 
 `position_ids` restarting per document are built either way, for anything that reads
-absolute positions.
+absolute positions. With context parallelism, model.context_parallel cuts both to each
+rank's share of the row (THD: of every document).
 """
 
 from __future__ import annotations

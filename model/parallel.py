@@ -32,17 +32,28 @@ class Layout:
     expert_dp: int
 
 
+# QWEN3_LOCAL_SPEC=1 builds megatron-core's local spec on a CUDA machine, on purpose (the
+# GPU tests' local <-> TE checkpoint checks; a GPU without a working TE install).
+LOCAL_SPEC_ENV = "QWEN3_LOCAL_SPEC"
+
+
 def te_available() -> bool:
-    """Transformer Engine needs CUDA; on CPU it fails to import (and PyPI's empty
-    `transformer-engine` package would break megatron-core), so never try there."""
+    """Whether models are built with the Transformer Engine spec: on a CUDA machine always,
+    unless QWEN3_LOCAL_SPEC=1 asks for the local spec; never on CPU, where TE fails to
+    import (and PyPI's empty `transformer-engine` package would break megatron-core).
+
+    A CUDA machine whose TE does not import is a ConfigError naming the import error: the
+    local spec it used to fall back to silently is several times slower and has no FP8."""
     import torch
 
-    if not torch.cuda.is_available():
+    if os.environ.get(LOCAL_SPEC_ENV) == "1" or not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
+        import transformer_engine.pytorch  # noqa: F401  (what megatron-core's TE spec imports)
+    except Exception as e:   # ImportError, or OSError/RuntimeError from its CUDA libraries
+        raise ConfigError(f"CUDA is present but Transformer Engine does not import ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())}); use NVIDIA's PyTorch container, or set "
+                          f"{LOCAL_SPEC_ENV}=1 to use megatron-core's local spec (slower, no FP8)") from None
     return True
 
 
@@ -52,12 +63,47 @@ def pipeline_split_units(model: ModelConfig, par: ParallelConfig) -> int:
             + int(par.account_for_loss_in_pipeline_split))
 
 
-def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
-                    seq_length: int | None = None, use_te: bool | None = None) -> list[str]:
-    """Every reason this layout cannot run this model (empty list when it can).
+def sequence_multiple(tp: int, cp: int, sp: bool, fp8_align: int = 1) -> int:
+    """What every sequence width (a row, or a packed document on the THD path) must be a
+    multiple of at this layout.
 
-    `use_te=False` adds the limits of megatron-core's local spec (the CPU path).
+    Context parallelism cuts a row into 2*cp chunks (megatron-core's load-balanced causal
+    split: rank r holds chunks r and 2*cp-1-r); sequence parallelism then splits each
+    rank's cp share over tp; under FP8 each rank's token count must be a multiple of
+    `fp8_align` (megatron-core's get_fp8_align_size: 16, 32 for MXFP8).
     """
+    shard = cp * (tp if sp else 1)   # ranks one row is split over
+    per_rank = math.lcm(2 if cp > 1 else 1, tp if sp else 1) // (tp if sp else 1)
+    return shard * math.lcm(per_rank, fp8_align)
+
+
+def padded_width(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple`."""
+    return -(-length // multiple) * multiple
+
+
+def fp8_width_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
+    """Why FP8 GEMMs cannot run this model at this layout: Transformer Engine's FP8 GEMMs
+    need each weight dimension of every rank's linear layers to be a multiple of 16. Their
+    rows are padded to what FP8 needs (sequence widths, `sequence_multiple`; decode rows,
+    model.inference.decode_rows); the weights cannot be."""
+    tp = par.tp
+    q, groups = model.num_attention_heads * model.kv_channels, model.num_query_groups * model.kv_channels
+    widths = {"hidden_size": model.hidden_size, "num_attention_heads*kv_channels/tp": q / tp,
+              "(num_attention_heads+2*num_query_groups)*kv_channels/tp": (q + 2 * groups) / tp}
+    if model.is_moe:
+        widths["moe_ffn_hidden_size/etp"] = model.moe_ffn_hidden_size / par.expert_tp
+    else:
+        widths["ffn_hidden_size/tp"] = model.ffn_hidden_size / tp
+    bad = [f"{name}={width:g}" for name, width in widths.items() if width % 16]
+    return [f"FP8 GEMMs need every rank's weight widths to be multiples of 16: {', '.join(bad)}"] if bad else []
+
+
+def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
+                    seq_length: int | None = None, fp8: bool = False, fp8_align: int = 16) -> list[str]:
+    """Every reason this layout cannot run this model (empty list when it can); `fp8`: the
+    run's precision is FP8, whose GEMMs need token counts that are multiples of `fp8_align`
+    (megatron-core's get_fp8_align_size: 16, 32 for MXFP8; `sequence_multiple`)."""
     problems: list[str] = []
     sizes = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": par.expert_tp}
     if par.vpp is not None:
@@ -86,9 +132,6 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
     if (par.account_for_embedding_in_pipeline_split or par.account_for_loss_in_pipeline_split) and pp == 1:
         problems.append("account_for_*_in_pipeline_split needs pp > 1")
 
-    if use_te is False and cp > 1:
-        problems.append(f"cp={cp} needs Transformer Engine attention (GPU); the local spec has no context parallelism")
-
     if model.is_moe:
         if model.num_experts % ep:
             problems.append(f"num_experts={model.num_experts} is not divisible by ep={ep}")
@@ -98,6 +141,8 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
             problems.append(f"MoE with tp={tp} needs sequence parallelism (set parallel.sp=true)")
     elif ep > 1:
         problems.append(f"ep={ep} needs an MoE model; {model.name} is dense")
+    if fp8:
+        problems += fp8_width_problems(model, par)
 
     if world_size is not None:
         if world_size < 1:
@@ -116,14 +161,9 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
         if seq_length < 1:
             problems.append(f"seq_length={seq_length} must be positive")
         else:
-            # Causal CP splits the sequence into 2*cp chunks; SP splits each CP shard over tp.
-            multiple = 1
-            if cp > 1:
-                multiple = 2 * cp
-            if par.sp and tp > 1:
-                multiple = math.lcm(multiple, cp * tp)
+            multiple = sequence_multiple(tp, cp, par.sp and tp > 1, fp8_align if fp8 else 1)
             if seq_length % multiple:
-                why = " and ".join(n for n, on in (("cp", cp > 1), ("sp", par.sp and tp > 1)) if on)
+                why = " and ".join(n for n, on in (("cp", cp > 1), ("sp", par.sp and tp > 1), ("fp8", fp8)) if on)
                 problems.append(f"seq_length={seq_length} is not divisible by {multiple} (required by {why})")
             if seq_length > model.max_position_embeddings:
                 problems.append(
@@ -132,9 +172,9 @@ def layout_problems(model: ModelConfig, par: ParallelConfig, world_size: int | N
 
 
 def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: int | None = None,
-                    seq_length: int | None = None, use_te: bool | None = None) -> Layout | None:
+                    seq_length: int | None = None) -> Layout | None:
     """Raise LayoutError (one line, all problems) if the layout cannot run the model."""
-    problems = layout_problems(model, par, world_size, seq_length, use_te)
+    problems = layout_problems(model, par, world_size, seq_length)
     if problems:
         raise LayoutError(f"invalid parallel layout for {model.name}: " + "; ".join(problems))
     return None if world_size is None else _layout(par, world_size)
@@ -238,7 +278,7 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, model: ModelConfig |
     quiet_other_ranks()   # entry points other than training (conversion, generation, evals)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if model is not None:
-        validate_layout(model, par, world_size, use_te=te_available())
+        validate_layout(model, par, world_size)
     layout = _layout(par, world_size)
 
     use_cuda = torch.cuda.is_available()

@@ -2,7 +2,8 @@
 
     python -m model.plan model=qwen3_235b_a22b gpus=256 gpu_mem=80GiB seq=4096 \
         [precision=bf16|fp8|fp32] [mbs=1] [gbs=1024] [gpu=h100|h200] [mfu=0.4] \
-        [reserve=4GiB] [spec=te|local] [max_tp=8] [layers=N] [top=25] [show=fit|all|invalid]
+        [reserve=4GiB] [spec=te|local] [max_tp=8] [layers=N] [top=25] [show=fit|all|invalid] \
+        [overlap=on|off] [dp_bw=40GB] [optim_ckpt=dp_reshardable|fully_reshardable]
 
 Every combination of TP, PP, VPP, CP, EP, expert TP, pipeline-split accounting, the
 distributed optimizer and activation recompute (none/selective/full) is checked with
@@ -35,6 +36,12 @@ Memory per GPU, for the first and the last pipeline rank (the table shows the la
                set while it is recomputed; selective recompute drops the attention core.
                The backward pass's fp32 logit gradient counts as a transient on the last
                rank.
+  checkpoint   what saving the distributed optimizer's state adds (optimizer_save_bytes):
+               nothing in dp_reshardable (the GPU recipe's format); in fully_reshardable
+               one bucket's fp32 all-gather on the GPU and the whole shard's fp32 master
+               weights and Adam moments (12 bytes per parameter) in host memory, per GPU.
+               A save runs between steps, after the activations are freed, so the peak
+               is the larger of the two.
 
 `spec=te` (default) describes the GPU path (Transformer Engine: fused norms, flash
 attention, grouped-GEMM experts) and is not yet checked against a GPU measurement;
@@ -45,9 +52,14 @@ off the tensors it saves and are checked against a real training step on CPU
 
 Step time: the model FLOPs of one global batch (`flops_per_token`, the same accounting as
 the training benchmark) plus recompute FLOPs, at `mfu` of the GPU's dense peak, stretched
-by the pipeline bubble (pp - 1) / (vpp * microbatches). Communication is not modelled, so
-compare layouts by it, do not read it as a prediction; rows that fit come first, then by
-step time, then fewest GPUs per model replica, then memory.
+by the pipeline bubble (pp - 1) / (vpp * microbatches), plus the data-parallel
+communication that is not hidden (`dp_exposed_seconds`): the gradient reduction and the
+parameter all-gather of the first pipeline rank (the one that finishes last), at `dp_bw`.
+With overlap (the GPU recipe's default) the reduction runs during the last micro-batch's
+backward and the all-gather during the first one's forward, so only what outlasts those is
+added; without it, all of it. Tensor, pipeline, context and expert parallel communication
+is not modelled, so compare layouts by it, do not read it as a prediction; rows that fit
+come first, then by step time, then fewest GPUs per model replica, then memory.
 """
 
 from __future__ import annotations
@@ -75,6 +87,16 @@ PEAK_TFLOPS = {
 }
 GPU_MEMORY = {"h100": 80 * GIB, "h100_nvl": 94 * GIB, "h100_pcie": 80 * GIB, "h200": 141 * GIB,
               "h200_nvl": 141 * GIB}
+# Bus bandwidth per GPU of a data-parallel ring collective, bytes/s, assumed: inside one
+# 8-GPU NVLink node (H100/H200 SXM, 450 GB/s per direction) and across nodes (one 400 Gb/s
+# InfiniBand NIC per GPU, 50 GB/s), each at 80% of the line rate. A job on more than one
+# node has data-parallel groups that cross nodes, and the network then bounds their rings.
+GPUS_PER_NODE = 8
+DP_BANDWIDTH = {"node": 0.8 * 450e9, "network": 0.8 * 50e9}
+# megatron-core DDP's bucket size under gradient-reduce overlap: max(4e7, 1e6 * DP)
+# parameters, on the first pipeline rank only (the others reduce their buffers whole).
+def ddp_bucket(dp: int) -> int:
+    return max(40_000_000, 1_000_000 * dp)
 
 
 def gpu_kind(device_name: str) -> str | None:
@@ -419,10 +441,12 @@ class Memory:
     grads: int
     optimizer: int
     activations: Activations
+    save: int = 0          # GPU bytes an optimizer checkpoint save adds (between steps)
+    save_host: int = 0     # host bytes per GPU it adds
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations.total
+        return self.params + self.grads + self.optimizer + max(self.activations.total, self.save)
 
 
 def param_state_bytes(m: ModelConfig, par: ParallelConfig, world: int, precision: str, distopt: bool,
@@ -438,12 +462,65 @@ def param_state_bytes(m: ModelConfig, par: ParallelConfig, world: int, precision
     return param, grads, optimizer
 
 
+def _buffer_sizes(m: ModelConfig, par: ParallelConfig, world: int, first: bool, last: bool):
+    """((dense parameters, their DP x CP group), (expert parameters, their expert-DP group))
+    of a pipeline rank's gradient buffers."""
+    p = rank_params(m, par, first, last)
+    return (p.dense, world // (par.tp * par.pp)), (p.expert, world // (par.expert_tp * par.ep * par.pp))
+
+
+def optimizer_save_bytes(m: ModelConfig, par: ParallelConfig, world: int, distopt: bool, optim_ckpt: str,
+                         overlap: bool = True, first: bool = True, last: bool = True) -> tuple[int, int]:
+    """(GPU, host) bytes one GPU adds while saving the distributed optimizer's state in
+    megatron-core's format `optim_ckpt` (recipes/checkpointing.py).
+
+    fully_reshardable all-gathers, on every rank, the fp32 master weights and both Adam
+    moments of the rank's whole model shard into host memory (12 bytes per parameter), one
+    state and one bucket at a time through the GPU (the bucket's fp32 gather buffer plus
+    this rank's 1/n of it to send; buckets under overlap on the first pipeline rank, whole
+    buffers otherwise, an upper bound with VPP). dp_reshardable, and the non-distributed
+    optimizer, write what each rank holds: nothing is added."""
+    if not distopt or optim_ckpt != "fully_reshardable":
+        return 0, 0
+    dp = world // (par.tp * par.pp * par.cp)
+    gpu = 0
+    for params, n in _buffer_sizes(m, par, world, first, last):
+        bucket = min(params, ddp_bucket(dp)) if overlap and first else params
+        gpu = max(gpu, math.ceil(4 * bucket * (1 + 1 / n)))
+    return gpu, 12 * rank_params(m, par, first, last).total
+
+
+def dp_comm_seconds(m: ModelConfig, par: ParallelConfig, world: int, precision: str, distopt: bool,
+                    bandwidth: float, first: bool = True, last: bool = True) -> tuple[float, float]:
+    """(gradient reduction, parameter all-gather) seconds per step of one GPU's data-parallel
+    collectives, at `bandwidth` bytes/s: a ring moves (n - 1) / n of the buffer per GPU.
+    Gradients are fp32 (grad_reduce_in_fp32); with the distributed optimizer they are
+    reduce-scattered and the updated parameters (model dtype; bf16 under FP8) all-gathered,
+    without it all-reduced (twice the traffic of a reduce-scatter)."""
+    ring = sum(params * (n - 1) / n for params, n in _buffer_sizes(m, par, world, first, last))
+    if not distopt:
+        return 2 * 4 * ring / bandwidth, 0.0
+    return 4 * ring / bandwidth, (4 if precision == "fp32" else 2) * ring / bandwidth
+
+
+def dp_exposed_seconds(reduce: float, gather: float, compute: float, microbatches: int, overlap: bool) -> float:
+    """The part of the data-parallel communication a step waits for. With overlap the
+    reduction hides behind the last micro-batch's backward (2/3 of its compute: the schedules
+    reduce only once its gradients are complete) and the all-gather behind the first one's
+    forward (1/3); the rest, and without overlap all of it, adds to the step."""
+    if not overlap:
+        return reduce + gather
+    per_microbatch = compute / microbatches
+    return max(0.0, reduce - 2 * per_microbatch / 3) + max(0.0, gather - per_microbatch / 3)
+
+
 def rank_memory(m: ModelConfig, par: ParallelConfig, world: int, seq: int, mbs: int, microbatches: int,
                 precision: str, distopt: bool, recompute: str, spec: str = "te", first: bool = True,
-                last: bool = True) -> Memory:
+                last: bool = True, optim_ckpt: str = "dp_reshardable", overlap: bool = True) -> Memory:
     params, grads, optimizer = param_state_bytes(m, par, world, precision, distopt, first, last)
     act = activation_bytes(m, par, seq, mbs, microbatches, precision, spec, recompute, first, last)
-    return Memory(params, grads, optimizer, act)
+    save, save_host = optimizer_save_bytes(m, par, world, distopt, optim_ckpt, overlap, first, last)
+    return Memory(params, grads, optimizer, act, save, save_host)
 
 
 # -------------------------------------------------------------------------- the plan
@@ -466,10 +543,18 @@ class Setting:
     spec: str = "te"
     max_tp: int = 8
     peak_tflops: float | None = None
+    # The GPU recipe's defaults (model.builder.TRAINING_DEFAULTS, which needs torch to import).
+    overlap: bool = True
+    optim_ckpt: str = "dp_reshardable"
+    dp_bw: float | None = None      # bytes/s; None: DP_BANDWIDTH by whether the job fits one node
 
     @property
     def peak(self) -> float:
         return self.peak_tflops or PEAK_TFLOPS[self.gpu][self.precision]
+
+    @property
+    def bandwidth(self) -> float:
+        return self.dp_bw or DP_BANDWIDTH["node" if self.gpus <= GPUS_PER_NODE else "network"]
 
 
 @dataclass(frozen=True)
@@ -483,6 +568,7 @@ class Row:
     step_s: float
     mfu: float
     fits: bool
+    dp_comm_s: float = 0.0   # of step_s: data-parallel communication not hidden
 
 
 def batch_problem(s: Setting, par: ParallelConfig) -> str | None:
@@ -497,22 +583,23 @@ def estimate(s: Setting, par: ParallelConfig, distopt: bool, recompute: str) -> 
     m = s.model
     dp = s.gpus // (par.tp * par.pp * par.cp)
     microbatches = s.gbs // (s.mbs * dp)
-    if par.pp == 1:
-        candidates = [("only", rank_memory(m, par, s.gpus, s.seq, s.mbs, microbatches, s.precision, distopt,
-                                           recompute, s.spec))]
-    else:
-        candidates = [(name, rank_memory(m, par, s.gpus, s.seq, s.mbs, microbatches, s.precision, distopt,
-                                         recompute, s.spec, first=name == "first", last=name == "last"))
-                      for name in ("first", "last")]
+    ranks = [("only", True, True)] if par.pp == 1 else [("first", True, False), ("last", False, True)]
+    candidates = [(name, rank_memory(m, par, s.gpus, s.seq, s.mbs, microbatches, s.precision, distopt, recompute,
+                                     s.spec, first=first, last=last, optim_ckpt=s.optim_ckpt, overlap=s.overlap))
+                  for name, first, last in ranks]
     rank, memory = max(candidates, key=lambda c: c[1].total)
     tokens = s.gbs * s.seq
     model_flops = tokens * flops_per_token(m, s.seq)
     work = model_flops + tokens * recompute_flops_per_token(m, s.seq, recompute)
     bubble = (par.pp - 1) / ((par.vpp or 1) * microbatches)
     peak = s.gpus * s.peak * 1e12
-    step = work / (peak * s.mfu) * (1 + bubble)
+    compute = work / (peak * s.mfu)
+    # The first pipeline rank ends the step; the others' reductions overlap its last backwards.
+    reduce, gather = dp_comm_seconds(m, par, s.gpus, s.precision, distopt, s.bandwidth, first=True, last=par.pp == 1)
+    comm = dp_exposed_seconds(reduce, gather, compute, microbatches, s.overlap)
+    step = compute * (1 + bubble) + comm
     return Row(par, dp, distopt, recompute, memory, rank, step, model_flops / (step * peak),
-               memory.total + s.reserve <= s.gpu_mem)
+               memory.total + s.reserve <= s.gpu_mem, comm)
 
 
 def _divisors(n: int) -> list[int]:
@@ -587,19 +674,21 @@ def aligned(table: list[tuple | list], left: int = 0) -> str:
 
 def format_rows(rows: list[Row]) -> str:
     head = ["tp", "pp", "vpp", "cp", "ep", "etp", "acct", "dp", "distopt", "recompute", "params",
-            "grads", "optim", "activ", "total GiB", "rank", "step s", "MFU", "fits"]
+            "grads", "optim", "activ", "save", "total GiB", "rank", "step s", "dp comm s", "MFU", "fits"]
     table = [head]
     for r in rows:
         mem = r.memory
+        save = f"{mem.save / GIB:.1f}+{mem.save_host / GIB:.1f}h" if mem.save_host else "-"
         table.append(_layout_cells(r.parallel) + [
             str(r.dp), "yes" if r.distopt else "no", r.recompute,
-            *(f"{x / GIB:.1f}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations.total, mem.total)),
-            r.rank, f"{r.step_s:.2f}", f"{r.mfu:.2f}", "yes" if r.fits else "NO"])
+            *(f"{x / GIB:.1f}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations.total)), save,
+            f"{mem.total / GIB:.1f}", r.rank, f"{r.step_s:.2f}", f"{r.dp_comm_s:.2f}", f"{r.mfu:.2f}",
+            "yes" if r.fits else "NO"])
     return aligned(table)
 
 
 _KEYS = {"model", "gpus", "gpu_mem", "seq", "precision", "mbs", "gbs", "gpu", "mfu", "reserve", "spec",
-         "max_tp", "top", "show", "peak_tflops", "layers"}
+         "max_tp", "top", "show", "peak_tflops", "layers", "overlap", "dp_bw", "optim_ckpt"}
 
 
 def parse_args(argv: list[str]) -> tuple[Setting, int, str]:
@@ -641,6 +730,12 @@ def parse_args(argv: list[str]) -> tuple[Setting, int, str]:
         raise ConfigError(f"mfu and peak_tflops must be numbers ({e})") from None
     if not 0 < mfu <= 1:
         raise ConfigError(f"mfu={mfu} must be in (0, 1]")
+    overlap = args.get("overlap", "on")
+    if overlap not in ("on", "off"):
+        raise ConfigError(f"overlap={overlap!r} must be on or off")
+    optim_ckpt = args.get("optim_ckpt", "dp_reshardable")
+    if optim_ckpt not in ("dp_reshardable", "fully_reshardable"):
+        raise ConfigError(f"optim_ckpt={optim_ckpt!r} must be dp_reshardable or fully_reshardable")
     setting = Setting(
         model=load_model_config(args["model"], **({"num_layers": integer("layers")} if "layers" in args else {})),
         gpus=integer("gpus"),
@@ -648,7 +743,8 @@ def parse_args(argv: list[str]) -> tuple[Setting, int, str]:
         seq=integer("seq"), precision=compute_precision(args.get("precision", "bf16")),
         mbs=integer("mbs", 1), gbs=integer("gbs", 1024), gpu=gpu, mfu=mfu,
         reserve=parse_size(args["reserve"]) if "reserve" in args else 4 * GIB, spec=spec,
-        max_tp=integer("max_tp", 8), peak_tflops=peak)
+        max_tp=integer("max_tp", 8), peak_tflops=peak, overlap=overlap == "on", optim_ckpt=optim_ckpt,
+        dp_bw=parse_size(args["dp_bw"]) if "dp_bw" in args else None)
     return setting, integer("top", 25), show
 
 
@@ -667,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     fitting = [r for r in rows if r.fits]
     print(f"{m.name} on {s.gpus} x {s.gpu} ({s.gpu_mem / GIB:.1f} GiB, {s.reserve / GIB:.1f} GiB reserved), "
           f"seq {s.seq}, mbs {s.mbs}, gbs {s.gbs}, {s.precision}, spec {s.spec}, assumed MFU {s.mfu:.2f} "
-          f"of {s.peak:.0f} TFLOP/s")
+          f"of {s.peak:.0f} TFLOP/s, DP {s.bandwidth / 1e9:.0f} GB/s, overlap {'on' if s.overlap else 'off'}, "
+          f"optimizer checkpoints {s.optim_ckpt}")
     print(f"model FLOPs/token {flops_per_token(m, s.seq):.3e} = 6 x {matmul_params(m) / 1e9:.3f}B active "
           f"matmul weights + attention 12*L*s*heads*head_dim")
     print(f"{len(rejected)} layouts rejected, {len(rows) // 6} valid; x distributed optimizer x recompute: "

@@ -4,14 +4,16 @@ The TE variant is megatron-core's TE layer spec with QK-norm (fused RMSNorm+QKV,
 attention, grouped-GEMM experts). It is the GPU path and the only one that runs FP8.
 
 The local variant uses megatron-core's own parallel linears and attention, and runs
-anywhere, including CPU. Two things differ from megatron-core's `get_gpt_layer_local_spec`:
+anywhere, including CPU. Three things differ from megatron-core's `get_gpt_layer_local_spec`:
   * the norm is `RMSNorm` below, which supports sequence parallelism (megatron-core's
     torch-norm wrapper refuses it, and MoE with TP > 1 needs SP);
   * the MoE layer maps only `input_layernorm` onto the TE checkpoint name. megatron-core's
     local spec also renames `pre_mlp_layernorm` to `mlp.linear_fc1.layer_norm_*`, which is
     right for dense layers but wrong for MoE layers, where the TE spec keeps a separate
-    `pre_mlp_layernorm`.
-Both keep checkpoint keys identical to the TE spec, so a checkpoint written on CPU loads
+    `pre_mlp_layernorm`;
+  * with context parallelism the core attention is `model.cp_attention`'s, since
+    megatron-core's local attention refuses CP.
+The first two keep checkpoint keys identical to the TE spec, so a checkpoint written on CPU loads
 on GPU and back.
 """
 
@@ -33,6 +35,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from model.cp_attention import ContextParallelAttention
 
 
 class RMSNorm(torch.nn.Module):
@@ -56,11 +60,23 @@ class RMSNorm(torch.nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
+
+# Where the local spec has a standalone RMSNorm above, the TE spec has megatron-core's
+# TENorm (QK-norm and the MoE layer's pre-MLP norm in its layer spec; the final norm in
+# block_spec). From TE 1.13 that norm keeps an `_extra_state` (FP8 recipe metadata, an
+# empty tensor without FP8), which RMSNorm has no use for and a local checkpoint lacks.
+# model.checkpoint lets exactly these be absent on load, so checkpoints move both ways.
+# (The norms TE fuses into a linear, input_layernorm and the dense pre-MLP norm, share
+# that linear's `_extra_state`, which megatron-core's local linears already save.)
+TE_NORM_EXTRA_STATES = tuple(f"{norm}._extra_state"
+                             for norm in ("q_layernorm", "k_layernorm", "pre_mlp_layernorm", "final_layernorm"))
+
 _TE_KEY_FOR_INPUT_NORM = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
 _TE_KEY_FOR_PRE_MLP_NORM = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
-def local_layer_spec(moe: bool) -> ModuleSpec:
-    """Qwen3 decoder layer from megatron-core's local modules (runs on CPU)."""
+def local_layer_spec(moe: bool, context_parallel: bool = False) -> ModuleSpec:
+    """Qwen3 decoder layer from megatron-core's local modules (runs on CPU); with context
+    parallelism, model.cp_attention's core attention (megatron-core's refuses it)."""
     if moe:
         mlp = ModuleSpec(
             module=MoELayer,
@@ -89,7 +105,7 @@ def local_layer_spec(moe: bool) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=ContextParallelAttention if context_parallel else DotProductAttention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=RMSNorm,
                     k_layernorm=RMSNorm,
@@ -116,7 +132,8 @@ def te_layer_spec(num_experts: int | None) -> ModuleSpec:
 def block_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = None
                ) -> TransformerBlockSubmodules:
     """Decoder block for this pipeline (and virtual pipeline) stage."""
-    layer = te_layer_spec(config.num_moe_experts) if use_te else local_layer_spec(bool(config.num_moe_experts))
+    layer = te_layer_spec(config.num_moe_experts) if use_te else local_layer_spec(
+        bool(config.num_moe_experts), context_parallel=config.context_parallel_size > 1)
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 

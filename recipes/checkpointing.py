@@ -12,8 +12,24 @@ and old checkpoints are pruned only after `latest` moved on, so a crash at any i
 leaves a loadable `latest`. Each carries a manifest of its files' sizes and checksums;
 a resume takes the newest checkpoint that still matches it (`resume_point`) and renames a
 damaged newer one to `iter_N.damaged`. The model weights inside are global tensors, so a checkpoint
-loads at any TP/PP/EP layout; so does the optimizer state (megatron-core's
-model-space sharding of it).
+loads at any TP/PP/EP layout. The distributed optimizer's state is saved in one of two of
+megatron-core's formats (`trainer.optimizer_checkpoint`; `auto` takes the path's default,
+model.builder.TRAINING_DEFAULTS):
+
+  dp_reshardable     (GPU default) each rank writes the fp32 master weights and Adam moments
+                     it holds, as they lie in its data-parallel buckets: no communication and
+                     no extra memory at a save. It loads only into the same buckets: the same
+                     TP, PP, VPP, CP, EP and expert TP (checked before launch), and the same
+                     bucket sizes (checked in the job), which any DP size gives while
+                     megatron-core's bucket size does not change with it: one bucket without
+                     gradient-reduce overlap, 4e7 parameters with it up to DP=40, 1e6 x DP
+                     beyond. Both refusals are one line.
+  fully_reshardable  (CPU default) every save all-gathers the whole model shard's optimizer
+                     state over DP into each rank's host memory (12 bytes per parameter, via
+                     one bucket-sized fp32 buffer at a time on the GPU) and stores it per
+                     parameter, so it loads at any layout.
+
+Weights-only starts (`init_from`, exports) read the model part and work from either.
 
 With `trainer.backend=deepspeed` the engine writes DeepSpeed's own checkpoint through the
 same `iter_N.tmp` → `iter_N` rename (recipes.deepspeed_engine, model.ds_convert);
@@ -36,8 +52,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from model.checkpoint import (apply_model_state, is_checkpoint, load_model, model_sharded_state_dict, save_sharded,
-                              verify_manifest, write_manifest)
+from model.checkpoint import (apply_model_state, is_checkpoint, load_model, load_sharded, model_sharded_state_dict,
+                              save_sharded, verify_manifest, write_manifest)
 from model.config import ConfigError
 from model.ds_convert import is_deepspeed_checkpoint, load_deepspeed_weights
 
@@ -45,10 +61,10 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL = "final.json"
 _ITER = re.compile(r"^iter_(\d{7,})$")
-# Optimizer state in a layout-independent form, so a resume may change TP/PP/EP/DP.
-# (megatron-core 0.16.1's default, fully_sharded_model_space, fails to save:
-# "ShardedTensor.flattened_range is not supported".)
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+# The distributed optimizer's checkpoint formats are dp_reshardable and fully_reshardable
+# (module docstring; trainer.optimizer_checkpoint). megatron-core 0.16.1's own default,
+# fully_sharded_model_space, fails to save ("ShardedTensor.flattened_range is not
+# supported"); checkpoints from before the choice existed are fully_reshardable.
 
 
 def is_training_checkpoint(path: Path) -> bool:
@@ -245,24 +261,84 @@ def _bare(chunks) -> list:
     return [getattr(c, "module", c) for c in chunks]
 
 
-def _sharded_state(engine, is_loading: bool) -> dict:
+def optimizer_format(requested: str = "auto") -> str:
+    """The distributed-optimizer checkpoint format `trainer.optimizer_checkpoint` names
+    (`auto`: this path's default, model.builder.TRAINING_DEFAULTS)."""
+    from model.builder import TRAINING_DEFAULTS
+    from model.parallel import te_available
+
+    return TRAINING_DEFAULTS[te_available()].optimizer_checkpoint if requested == "auto" else requested
+
+
+def _optimizer_layout(engine, fmt: str) -> dict:
+    """What a checkpoint's optimizer state needs of the run that loads it: the format, the
+    layout, and (dp_reshardable) the distributed optimizers' bucket sizes."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    ps = parallel_state
+    buckets = [[n for sizes in buffers.values() for n in sizes]
+               for opt in _optimizers(engine.optimizer)
+               if isinstance(opt, DistributedOptimizer) for buffers in opt.per_bucket_numel_unpadded]
+    layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+              "vpp": ps.get_virtual_pipeline_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
+              "ep": ps.get_expert_model_parallel_world_size(), "etp": ps.get_expert_tensor_parallel_world_size()}
+    return {"format": fmt, "buckets": buckets, "layout": layout}
+
+
+def _saved_optimizer_layout(train_state: dict) -> dict:
+    """A checkpoint's `_optimizer_layout` record, from its training state (checkpoints written
+    before there was one are fully_reshardable)."""
+    return train_state.get("optimizer") or {"format": "fully_reshardable", "buckets": [], "layout": {}}
+
+
+def optimizer_layout_problem(ckpt_dir: Path, par) -> str | None:
+    """Why a Megatron checkpoint's optimizer state cannot resume at layout `par` (checked
+    before launch; the buckets, which need the model built, are compared in load_checkpoint)."""
+    if not is_checkpoint(ckpt_dir):
+        return None
+    saved = _saved_optimizer_layout(dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("train_state", {}))
+    if saved["format"] != "dp_reshardable" or not saved["buckets"]:
+        return None
+    now = {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "cp": par.cp, "ep": par.ep, "etp": par.expert_tp}
+    if saved["layout"] == now:
+        return None
+    return _dp_reshardable_refusal(ckpt_dir, f"saved at {_fmt(saved['layout'])}, this run has {_fmt(now)}")
+
+
+def _fmt(layout: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in layout.items())
+
+
+def _dp_reshardable_refusal(ckpt_dir: Path, why: str) -> str:
+    return (f"{ckpt_dir} holds the distributed optimizer's state in megatron-core's dp_reshardable format, "
+            f"which loads only into the same data-parallel buckets ({why}): resume at the layout it was "
+            "saved at, or start a new stage from its weights with init_from=; "
+            "trainer.optimizer_checkpoint=fully_reshardable saves checkpoints that load at any layout")
+
+
+def _sharded_state(engine, is_loading: bool, fmt: str) -> dict:
+    if not is_loading:
+        engine.gather_params()   # under overlap_param_gather the other ranks' shards are a step old
     sharded = model_sharded_state_dict(_bare(engine.chunks))
     sharded["optimizer"] = engine.optimizer.sharded_state_dict(sharded, is_loading=is_loading,
-                                                               metadata=OPTIMIZER_FORMAT)
+                                                               metadata={"distrib_optim_sharding_type": fmt})
     return sharded
 
 
-def save_checkpoint(engine, stage_dir: Path, train_state: dict, keep_last: int) -> Path:
-    """Collective: save everything needed to continue this stage exactly."""
+def save_checkpoint(engine, stage_dir: Path, train_state: dict, keep_last: int,
+                    optimizer_checkpoint: str = "auto") -> Path:
+    """Collective: save everything needed to continue this stage exactly; the distributed
+    optimizer's state in the format `optimizer_checkpoint` names (module docstring)."""
     stage_dir = Path(stage_dir)
     name = checkpoint_name(train_state["step"])
     if hasattr(engine, "save_state"):   # an engine with its own format (DeepSpeed)
         path = _save_engine_state(engine, stage_dir / CHECKPOINTS / name, train_state)
     else:
-        sharded = _sharded_state(engine, is_loading=False)
+        fmt = optimizer_format(optimizer_checkpoint)
+        sharded = _sharded_state(engine, is_loading=False, fmt=fmt)
         sharded["rng_state"] = _rng_sharded(_rng_state())
         sharded["train_state"] = {**train_state, "scheduler": engine.scheduler.state_dict(),
-                                  "layout": _layout_signature()}
+                                  "layout": _layout_signature(), "optimizer": _optimizer_layout(engine, fmt)}
         path = save_sharded(sharded, stage_dir / CHECKPOINTS / name, engine.model_cfg,
                             extra={"step": train_state["step"]})
     if dist.get_rank() == 0:
@@ -314,17 +390,30 @@ def load_checkpoint(engine, ckpt_dir: Path) -> dict:
                           "use it as stage.init_from, not as a resume point")
     train_state = common["train_state"]
     same_layout = train_state.get("layout") == _layout_signature()
+    saved = _saved_optimizer_layout(train_state)
+    if saved["format"] == "dp_reshardable" and saved["buckets"] != (
+            now := _optimizer_layout(engine, saved["format"])["buckets"]):
+        raise ConfigError(_dp_reshardable_refusal(ckpt_dir, f"buckets of {saved['buckets']} parameters saved, "
+                                                            f"{now} in this run"))
     init_torch_adam_state(engine.optimizer)
-    sharded = _sharded_state(engine, is_loading=True)
+    sharded = _sharded_state(engine, is_loading=True, fmt=saved["format"])
     if same_layout:
         sharded["rng_state"] = _rng_sharded(None)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    loaded = load_sharded(sharded, ckpt_dir)   # a CPU (local spec) checkpoint resumes on GPU too
     apply_model_state(_bare(engine.chunks), loaded)
     load_optimizer(engine.optimizer, loaded["optimizer"])
     engine.scheduler.load_state_dict(train_state["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    return {k: v for k, v in train_state.items() if k not in ("scheduler", "layout")}
+    return {k: v for k, v in train_state.items() if k not in ("scheduler", "layout", "optimizer")}
+
+
+def _optimizers(optimizer) -> list:
+    """The megatron-core optimizers a ChainedOptimizer holds (dense and expert parameters),
+    or the one given."""
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    return list(optimizer.chained_optimizers) if isinstance(optimizer, ChainedOptimizer) else [optimizer]
 
 
 def _torch_adams(optimizer):
@@ -333,7 +422,7 @@ def _torch_adams(optimizer):
     megatron-core falls back to them when neither apex nor TE is installed (the CPU path);
     with TE or apex it uses their fused Adam, which the two fixes below leave alone.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             yield inner
@@ -351,19 +440,21 @@ def init_torch_adam_state(optimizer) -> None:
                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
+@torch.no_grad()   # fp32 weights: the dp_reshardable load copies into views of the parameters themselves
 def load_optimizer(optimizer, loaded) -> None:
     """Load megatron-core optimizer state, working around its torch-Adam fallback.
 
-    Without apex/TE (the CPU path) the distributed optimizer's fully reshardable load
-    (a) copies every state entry including torch's per-parameter `step`, which the
-    checkpoint stores once per group, and fails with KeyError 'step'; and (b) hands one
-    shared `step` tensor to every parameter, which torch then increments once per
-    parameter, so a resumed run would silently diverge. Here the parameter state is
-    loaded with `step` set aside, and each parameter gets its own copy back.
+    Without apex/TE (the CPU path) the distributed optimizer's load (a) in the fully
+    reshardable format copies every state entry including torch's per-parameter `step`,
+    which the checkpoint stores once per group, and fails with KeyError 'step'; and (b) in
+    both formats hands one shared `step` tensor to every parameter, which torch then
+    increments once per parameter, so a resumed run would silently diverge from its second
+    step on (measured on dp_reshardable). Here the parameter state is loaded with `step`
+    set aside, and each parameter gets its own copy back.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    optimizers = _optimizers(optimizer)
     states = [loaded] if len(optimizers) == 1 else [loaded[k] for k in sorted(loaded)]
     for opt, state in zip(optimizers, states):
         adam = getattr(opt, "optimizer", None)
@@ -372,9 +463,12 @@ def load_optimizer(optimizer, loaded) -> None:
             continue
         state = dict(state)
         param_state = state.pop("param_state")
-        assert state.pop("param_state_sharding_type") == OPTIMIZER_FORMAT["distrib_optim_sharding_type"]
+        fmt = state.pop("param_state_sharding_type")
         opt.load_state_dict(state)             # param groups, LR, and the step count
         steps = {p: st.pop("step") for p, st in adam.state.items()}
-        opt.load_parameter_state_from_fully_reshardable(param_state)
+        if fmt == "dp_reshardable":
+            opt.load_parameter_state_from_dp_reshardable(param_state)
+        else:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
         for p, step in steps.items():
             adam.state[p]["step"] = step.detach().clone()

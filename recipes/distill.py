@@ -48,7 +48,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.config import ConfigError, from_dict
+from model.parallel import padded_width
 from recipes.distill_loss import DistillLoss
+from recipes.grpo import scale_to_minibatch, scaled_loss
 from recipes.rl import GRPOTask, PolicyRollout
 from recipes.schema import RolloutSettings
 from recipes.train import Settings, Task, chat_tokenizer, run
@@ -94,7 +96,7 @@ def teacher_problems(cfg: DictConfig, s: Settings, ckpt: Path) -> list[str]:
     """Why this teacher cannot run beside this student (empty: it can)."""
     from model.checkpoint import read_model_config
     from model.config import ParallelConfig
-    from model.parallel import layout_problems, te_available
+    from model.parallel import layout_problems
 
     teacher = read_model_config(ckpt)
     p = []
@@ -110,8 +112,7 @@ def teacher_problems(cfg: DictConfig, s: Settings, ckpt: Path) -> list[str]:
             p.append(f"distill.teacher_parallel {differ} differs from the student's layout: in this version the "
                      "teacher runs in the student's TP/PP/CP/EP layout (docs/DISTILL.md); set "
                      "distill.teacher_parallel=null")
-    p += [f"teacher ({teacher.name}): {x}" for x in layout_problems(teacher, s.parallel, None, s.trainer.seq_length,
-                                                                     use_te=te_available())]
+    p += [f"teacher ({teacher.name}): {x}" for x in layout_problems(teacher, s.parallel, None, s.trainer.seq_length)]
     return p
 
 
@@ -193,19 +194,27 @@ class DistillTask(GRPOTask):
         if self.score_online:
             for b in micro:
                 b["teacher_logp"], b["teacher_ids"] = self._teacher_topk(b["tokens"], b["loss_mask"])
-        return micro
+        return scale_to_minibatch(micro, self._global_tokens(micro), self.dp_size)
+
+    def _global_tokens(self, micro: list[dict]) -> float:
+        """The response tokens of the whole global batch: every DP rank's micro-batches.
+        The objective is their token mean, as on-policy and as logged."""
+        import torch.distributed as dist
+
+        from model.inference import model_device
+
+        total = torch.stack([b["loss_mask"].sum() for b in micro]).sum().to(model_device(self.engine.chunks),
+                                                                           torch.float64)
+        dist.all_reduce(total, group=self.dp_group)
+        return total.item()
 
     def _trimmed(self, micro: list[dict]) -> list[dict]:
         """The step's micro-batches cut after the last response token of their longest row:
         rows are padded to seq_length, and the padding would cost a full vocabulary
         projection per position. The width stays a multiple of what sequence and context
         parallelism split."""
-        from megatron.core import parallel_state
-
         used = [int(m.nonzero()[:, 1].max()) + 1 for b in micro if (m := b["loss_mask"]).any()]
-        cp = parallel_state.get_context_parallel_world_size()
-        multiple = self.tp * (2 * cp if cp > 1 else 1)
-        width = min(-(-max(used, default=1) // multiple) * multiple, micro[0]["tokens"].shape[1])
+        width = min(padded_width(max(used, default=1), self.width_multiple), micro[0]["tokens"].shape[1])
         return [{k: v[:, :width] for k, v in b.items()} for b in micro]
 
     def _prepare(self, index: int) -> dict:
@@ -235,13 +244,11 @@ class DistillTask(GRPOTask):
         # logits: at the loss positions only (Task.loss_positions_only)
         loss, ce, div = per_token(logits, batch["targets"][where], batch["teacher_logp"][where],
                                   batch["teacher_ids"][where], self.c, len(self.tokenizer))
-        numerator, tokens = loss.sum(), mask.sum()
+        tokens = mask.sum()
         report = {"distill/kl": torch.stack([div.sum(), tokens]), "distill/ce": torch.stack([ce.sum(), tokens])}
-        if "loss_scale" in batch:   # on-policy: the RL task's token mean over the whole minibatch
-            report["lm loss"] = torch.stack([numerator.detach(), batch["denominator"].sum()])
-            return numerator * batch["loss_scale"][0], torch.ones((), dtype=torch.int), report
-        report["lm loss"] = torch.stack([numerator.detach(), tokens])
-        return numerator, tokens.to(torch.int), report
+        # both phases: the token mean over the whole global batch (scale_to_minibatch)
+        scaled, count, report["lm loss"] = scaled_loss(loss.sum(), batch)
+        return scaled, count, report
 
     # ------------------------------------------------------------------ evaluation
     def _reverse_kl(self, r) -> torch.Tensor:

@@ -30,9 +30,15 @@ from dataclasses import dataclass
 import torch
 
 DIVERGENCES = ("forward", "reverse", "jsd")
-# Floor of the "any other token" probability: 1 - (mass of the k) rounds to 0 or below
-# when the k hold nearly everything; the floor keeps its log finite (its weight is ~0).
-REST_FLOOR = 1e-12
+
+
+def rest_floor(dtype: torch.dtype) -> float:
+    """Floor of the "any other token" probability: the resolution of `dtype` log-probs
+    near 0, below which a rest mass cannot be told from 0 (the log-probs' own rounding is
+    that large). A floor far below it (1e-12 before) turned rounding into a log of -27.6,
+    far below the true one, and the reverse KL of peaked teachers rose up to 10 nats above
+    the full-vocabulary value it must stay under."""
+    return torch.finfo(dtype).eps
 
 
 @dataclass
@@ -62,9 +68,13 @@ class DistillLoss:
 
 
 def with_rest(logp: torch.Tensor) -> torch.Tensor:
-    """[..., k] log-probs of k tokens -> [..., k + 1], the last being every other token."""
-    rest = (1 - logp.exp().sum(-1, keepdim=True)).clamp(min=REST_FLOOR).log()
-    return torch.cat([logp, rest], -1)
+    """[..., k] log-probs of k tokens -> [..., k + 1], the last being every other token.
+
+    The rest is log(1 - exp(logsumexp(logp))) through expm1, in float64: `1 - sum(exp)`
+    in float32 cancels to 0 or below whenever the k hold all but ~1e-7 of the mass."""
+    mass = torch.logsumexp(logp.double(), -1, keepdim=True)
+    rest = (-torch.expm1(mass)).clamp(min=rest_floor(logp.dtype)).log()
+    return torch.cat([logp, rest.to(logp.dtype)], -1)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.utils import get_attr_wrapped_model
 
-from model.builder import build_model
+from model.builder import TRAINING_DEFAULTS, build_model, training_overrides
 from model.config import ModelConfig, ParallelConfig
+from model.context_parallel import model_inputs
 from model.inference import logits_at, position_ids_for
-from model.packing import attention_inputs
 from model.parallel import te_available
 # The `optim:` section lives with the config schema, which must not import megatron-core.
 from recipes.schema import OptimConfig  # noqa: F401  (re-exported)
@@ -46,24 +46,32 @@ def forward_per_token(model, batch: dict, loss_positions_only: bool = False) -> 
     [b, s, vocab / tp], or with `loss_positions_only` those at its `loss_mask` positions,
     [n, vocab / tp] (model.inference.logits_at; the per-token loss is then 0 off the mask).
 
-    Shared by both training engines, so that they see the same model inputs.
+    Shared by both training engines, so that they see the same model inputs. With context
+    parallelism the model runs on this rank's share of the sequence (model.context_parallel)
+    and its output is gathered back into the whole micro-batch's order: every CP rank then
+    computes the loss of the whole micro-batch, as at cp=1 (`Engine` scales it for DDP).
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     # Packed rows (SFT) keep their documents apart; plain rows are causal over the row.
-    mask, packed = attention_inputs(batch.get("segment_ids"), use_te=te_available())
-    inputs = (batch["tokens"], batch["position_ids"], mask)
-    if not loss_positions_only:
-        return batch, model(*inputs, labels=batch.get("labels"), packed_seq_params=packed)
-    where = batch["loss_mask"].bool()
-    with logits_at(model, where) as picked:
-        output = picked(model(*inputs, packed_seq_params=packed))
+    x = model_inputs(batch["tokens"], batch["position_ids"], batch.get("segment_ids"), use_te=te_available())
+    inputs, labels = (x.tokens, x.position_ids, x.attention_mask), batch.get("labels")
     gpt = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
-    if "labels" not in batch or not gpt.post_process:
-        return batch, output
+    shard = x.shard if gpt.post_process else None   # earlier stages hand on hidden states as they are
+    if not loss_positions_only:
+        output = model(*inputs, labels=None if labels is None else x.take(labels),
+                       packed_seq_params=x.packed_seq_params)
+        return batch, output if shard is None else shard.gather(output)
+    where = batch["loss_mask"].bool()
+    mine = x.take(where)
+    with logits_at(model, mine) as picked:
+        output = picked(model(*inputs, packed_seq_params=x.packed_seq_params))
+    if labels is None or not gpt.post_process:
+        return batch, output if shard is None else shard.gather_rows(output, where)
     # megatron-core's own loss ([s, b] layout: the n positions as one row), then back to [b, s]
-    loss = gpt.compute_language_model_loss(batch["labels"][where].unsqueeze(0), output.unsqueeze(1))
-    return batch, torch.zeros(where.shape, dtype=loss.dtype, device=device).masked_scatter(where, loss[0])
+    loss = gpt.compute_language_model_loss(x.take(labels)[mine].unsqueeze(0), output.unsqueeze(1))
+    per_token = torch.zeros(mine.shape, dtype=loss.dtype, device=device).masked_scatter(mine, loss[0])
+    return batch, per_token if shard is None else shard.gather(per_token)
 
 
 def masked_lm_loss(batch: dict, per_token_loss: torch.Tensor):
@@ -146,7 +154,7 @@ class Engine(MoEMetrics):
 
     def _forward_step(self, data_iterator, model):
         batch, per_token = forward_per_token(model, next(data_iterator), self.loss_positions_only)
-        return per_token, lambda output: self.loss_fn(batch, output)
+        return per_token, lambda output: _over_context_parallel(self.loss_fn(batch, output))
 
     def train_step(self, microbatches: list[dict]) -> dict:
         """One optimizer step over this data-parallel rank's micro-batches.
@@ -199,9 +207,36 @@ class Engine(MoEMetrics):
         self._load_ratio = expert_load_ratio(self.chunks)
         return finalize_model_grads(model, *args, **kwargs)
 
+    def gather_params(self) -> None:
+        """Complete the distributed optimizer's parameter all-gather now. Under
+        overlap_param_gather an optimizer step updates only this rank's shard of the weights
+        and leaves the rest to the next forward, whose pre-hooks wait for each bucket (so
+        evaluation and rollouts see fresh weights); anything that reads the weights
+        without a forward (a checkpoint) must call this first."""
+        for chunk in self.chunks:
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.start_param_sync(force_sync=True)
+
+
+def _over_context_parallel(result: tuple) -> tuple:
+    """loss_fn's (loss, tokens, report) for megatron-core's schedule under context parallelism.
+
+    Every CP rank computes the same loss, of the whole micro-batch (forward_per_token), and
+    back-propagates it into its own positions only; DDP then averages the gradients over
+    DP x CP ranks. The sum over CP ranks is the cp=1 gradient, so each rank's loss is scaled
+    by cp to undo the average's 1/cp. The report (the logged sums and counts) stays as it is:
+    it is reduced over DP ranks only (`_global_means`).
+    """
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return result
+    loss, tokens, report = result
+    return loss * cp, tokens, report
+
 
 def _global_means(losses: list, device: torch.device, keys: tuple) -> dict[str, float]:
-    """Each report key's sum / count over micro-batches and DP ranks, known to every rank."""
+    """Each report key's sum / count over micro-batches and DP ranks, known to every rank.
+    (Context-parallel ranks hold the same whole-micro-batch reports: not summed over CP.)"""
     total = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)  # on the device NCCL reduces
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for entry in losses:
@@ -224,16 +259,13 @@ def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig
     Call model.parallel.init_distributed first.
     """
     optim = (optim or OptimConfig()).check()
-    chunks = build_model(model_cfg, par, dtype=dtype, **config_overrides)
+    use_te = te_available()
+    chunks = build_model(model_cfg, par, dtype=dtype, **{**training_overrides(use_te), **config_overrides})
     if init is not None:
         init(chunks)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=optim.use_distributed_optimizer,
-    )
+    ddp = ddp_config(par, optim.use_distributed_optimizer, use_te)
     ddp_chunks = [
-        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+        DistributedDataParallel(config=c.config, ddp_config=ddp, module=c,
                                 disable_bucketing=i > 0)  # only the first chunk's grads overlap
         for i, c in enumerate(chunks)
     ]
@@ -250,6 +282,7 @@ def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig
             bf16=dtype == torch.bfloat16,
             params_dtype=dtype,
             use_distributed_optimizer=optim.use_distributed_optimizer,
+            overlap_param_gather=ddp.overlap_param_gather,   # megatron-core wants both to agree
         ),
         ddp_chunks,
     )
@@ -263,7 +296,34 @@ def build_engine(model_cfg: ModelConfig, par: ParallelConfig, optim: OptimConfig
     config = ddp_chunks[0].config
     config.grad_scale_func = lambda loss: engine_ref().optimizer.scale_loss(loss)
     config.finalize_model_grads_func = lambda *args, **kwargs: engine_ref().finalize_grads(*args, **kwargs)
+    n = range(len(ddp_chunks))
+    if ddp.overlap_grad_reduce:
+        # The schedules run every micro-batch but the last inside no_sync, so that a bucket's
+        # reduction starts once, when the last micro-batch's backward has filled it.
+        syncs = [lambda i=i: engine_ref().chunks[i].no_sync() for i in n]
+        config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
+    if ddp.align_param_gather:
+        # The interleaved schedule starts each chunk's parameter all-gathers itself, at the same
+        # micro-batch on every pipeline stage (megatron-core's param_sync_func).
+        config.param_sync_func = [lambda params, i=i: engine_ref().chunks[i].start_param_sync() for i in n]
     return engine
+
+
+def ddp_config(par: ParallelConfig, use_distributed_optimizer: bool, use_te: bool) -> DistributedDataParallelConfig:
+    """megatron-core DDP's settings for this layout on this path (model.builder.TRAINING_DEFAULTS)."""
+    d = TRAINING_DEFAULTS[use_te]
+    gather = d.overlap_param_gather and use_distributed_optimizer
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=d.overlap_grad_reduce,
+        overlap_param_gather=gather,
+        # Only the interleaved schedule dispatches gathers per chunk (param_sync_func); with one
+        # chunk per stage each bucket's gather, awaited by a forward pre-hook, starts the next.
+        align_param_gather=gather and par.vpp is not None,
+        use_distributed_optimizer=use_distributed_optimizer,
+        # bucket_size: megatron-core's default, max(4e7, 1e6 * DP) parameters per bucket under
+        # overlap (one bucket without it); the dp_reshardable optimizer checkpoint follows them.
+    )
 
 
 def lr_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> OptimizerParamScheduler:

@@ -127,23 +127,18 @@ class _Recompute:
     """Next-token logits by running the whole prefix again (any TP/PP/EP layout)."""
 
     def __init__(self, chunks):
-        from megatron.core import parallel_state
-
         self.chunks = chunks
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
 
     def __call__(self, tokens: torch.Tensor, cur: int) -> torch.Tensor | None:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         from model.inference import forward_only
 
-        # sequence parallelism splits the sequence over TP ranks: pad to a multiple of TP;
-        # with causal attention the padding after position cur-1 changes nothing before it
-        width = -(-cur // self.tp) * self.tp
-        # only the last position is projected onto the vocabulary and gathered
-        last = torch.zeros(len(tokens), width, dtype=torch.bool)
+        # only the last position is projected onto the vocabulary and gathered (forward_only
+        # pads the prefix to what sequence and context parallelism split)
+        last = torch.zeros(len(tokens), cur, dtype=torch.bool)
         last[:, cur - 1] = True
-        out = forward_only(self.chunks, tokens[:, :width], None, gather_from_tensor_model_parallel_region, mask=last)
+        out = forward_only(self.chunks, tokens[:, :cur], None, gather_from_tensor_model_parallel_region, mask=last)
         return None if out is None else torch.cat(out, dim=0)
 
 
@@ -176,7 +171,10 @@ def kv_cache_usable(chunks) -> bool:
     from megatron.core import parallel_state
 
     config = chunks[0].config
+    # megatron-core's static KV cache holds whole sequences: context parallelism, which
+    # splits them over ranks, recomputes the prefix instead
     return (len(chunks) == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            and parallel_state.get_context_parallel_world_size() == 1
             and not (config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1))
 
 
@@ -192,12 +190,14 @@ def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[i
     teacher's output for distillation, recipes.distill). Decoding starts at the shortest prompt's end; rows with longer prompts take their own
     prompt tokens until theirs ends (one batch, one KV cache). `vocab_limit` masks the
     model's padded vocabulary beyond the tokenizer's. `use_cache=False`, or a layout the
-    cache does not serve (PP, or TP with sequence parallelism), recomputes the prefix.
+    cache does not serve (PP, TP with sequence parallelism, or CP), recomputes the prefix.
+    Under FP8 the cached batch runs with idle rows up to FP8's row multiple
+    (`model.inference.decode_rows`); the results are those of the prompts alone.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from model.inference import model_device
+    from model.inference import decode_rows, model_device
 
     s = (sampling or Sampling()).check()
     generator = torch.Generator().manual_seed(s.seed)
@@ -206,10 +206,13 @@ def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[i
     if min(lengths) < 1:
         raise ValueError("every prompt needs at least one token")
     total = max(lengths) + max_new_tokens
-    tokens = torch.zeros(len(prompts), total, dtype=torch.long)
+    cached = use_cache and kv_cache_usable(chunks)
+    # FP8 decode: idle rows (token 0, never sampled) up to the GEMMs' row multiple
+    rows = decode_rows(chunks[0].config, len(prompts)) if cached else len(prompts)
+    tokens = torch.zeros(rows, total, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
-    step = _Cached(chunks, len(prompts), total) if use_cache and kv_cache_usable(chunks) else _Recompute(chunks)
+    step = _Cached(chunks, rows, total) if cached else _Recompute(chunks)
     out = [Generation() for _ in prompts]
     finished = [False] * len(prompts)
     # per row: tokens since an open <think> (None: not thinking), forced tokens to insert
@@ -236,7 +239,7 @@ def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[i
         picked = torch.zeros(2, len(prompts), dtype=torch.float64, device=device)
         tops = torch.zeros(2, len(prompts), top_k_logprobs, dtype=torch.float64, device=device)
         if last_stage:
-            last = logits.float()
+            last = logits[:len(prompts)].float()   # the idle rows' logits are dropped before sampling
             if vocab_limit is not None:
                 last[:, vocab_limit:] = -float("inf")
             ids, logp = _pick(last, s, generator)

@@ -8,7 +8,7 @@ Per response token t of sequence i in a group of G samples of one prompt:
     ratio      = exp(logp - old_logp)
     pg         = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
     dual clip  : for A < 0, pg = min(pg, -c * A)                   (when dual_clip c is set)
-    TIS weight = min(exp(old_logp - rollout_logp), tis_cap)        (detached)
+    TIS weight = min(exp(old_logp - rollout_logp), tis_cap)        (detached; 1 when tis_cap is null)
     loss_t     = w * pg + kl_coef * KL_t - entropy_coef * H_t
 
 `std` is the population std of the group (torch.std(unbiased=False)), so a group of two
@@ -23,7 +23,9 @@ Aggregation over a minibatch, with m the response-token mask:
     seq-mean-token-sum  : mean_i (sum_t m*l)
 A minibatch is cut into micro-batches and data-parallel ranks, so the loss is written
 as a numerator summed over micro-batches and a denominator of the whole minibatch
-(`loss_terms` and `loss_denominator`); their ratio is the aggregated loss.
+(`loss_terms` and `loss_denominator`); their ratio is the aggregated loss, which
+`scale_to_minibatch` and `scaled_loss` hand to megatron-core's schedule (distillation
+scales its token mean the same way).
 """
 
 from __future__ import annotations
@@ -154,9 +156,12 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 
 def tis_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Truncated importance weight of the training policy against the rollout engine's."""
-    w = torch.exp(old_logp - rollout_logp)
-    return (w if cap is None else w.clamp(max=cap)).detach()
+    """Truncated importance weight of the training policy against the rollout engine's;
+    a null cap turns the correction off (weight 1), as `GRPOConfig.tis_cap` documents: an
+    uncapped ratio is the variance TIS exists to bound."""
+    if cap is None:
+        return torch.ones_like(old_logp)
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
 
 
 def loss_terms(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -182,6 +187,31 @@ def loss_denominator(mask: torch.Tensor, mode: str) -> float:
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """The aggregated loss of one whole minibatch."""
     return loss_terms(per_token, mask, mode) / max(loss_denominator(mask, mode), 1.0)
+
+
+def scale_to_minibatch(micro: list[dict], denominator: float, dp_size: int) -> list[dict]:
+    """This rank's micro-batches, each given the `loss_scale` that makes the sum of their
+    loss numerators, over every micro-batch and data-parallel rank, divided by the whole
+    minibatch's `denominator` the objective, and each row's share of `denominator` (for
+    the logged loss). Every rank holds the same number of micro-batches and rows.
+
+    Why the scale: megatron-core divides each micro-batch's loss by its token count and
+    the micro-batch count, and DDP averages over data-parallel ranks; a loss_fn returning
+    (numerator * loss_scale, 1) undoes all three, where (sum, tokens) would optimise the
+    mean of per-micro-batch means instead (tokens of sparse micro-batches weigh more)."""
+    parts = len(micro) * dp_size
+    for batch in micro:
+        rows = len(batch["loss_mask"])
+        batch["loss_scale"] = torch.full((rows,), parts / max(denominator, 1.0))
+        batch["denominator"] = torch.full((rows,), denominator / (parts * rows))
+    return micro
+
+
+def scaled_loss(numerator: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, token count) for megatron-core from a micro-batch of `scale_to_minibatch`
+    and its numerator, and the "lm loss" report entry [numerator, share of denominator]."""
+    return (numerator * batch["loss_scale"][0], torch.ones((), dtype=torch.int),
+            torch.stack([numerator.detach(), batch["denominator"].sum()]))
 
 
 def next_entropy_coef(coef: float, entropy: float, g: GRPOConfig) -> float:

@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.config import ConfigError, from_dict
+from model.parallel import padded_width
 from recipes import schema  # noqa: F401  (registers config.yaml's typed root before composing it)
 from recipes.grpo import GRPOConfig
 from recipes.train import Settings, Task, chat_tokenizer, run
@@ -104,6 +105,7 @@ class GRPOTask:
                  eval_prompts=(), eval_samples: int = 1, eval_interval: int = 0):
         from megatron.core import parallel_state
 
+        from model.context_parallel import width_multiple
         from recipes.generate import Sampling, stop_ids, thinking_budget
 
         self.cfg, self.s, self.engine, self.g = cfg, s, engine, g
@@ -117,7 +119,8 @@ class GRPOTask:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        # rows are padded to what sequence and context parallelism split (and FP8 needs)
+        self.width_multiple = width_multiple(engine.chunks[0].config)
         self.seed = int(cfg.seed)
         self.state = {"prompt_cursor": 0, "entropy_coef": g.entropy_coef}
         self.current: tuple[int, dict] | None = None   # (rollout index, its batch tensors)
@@ -229,7 +232,7 @@ class GRPOTask:
         from recipes.grpo import group_advantages
 
         lengths = [len(p) + len(g.tokens) for p, g in zip(r.prompts, r.responses)]
-        width = -(-(max(lengths) - 1) // self.tp) * self.tp   # sequence parallelism splits over TP
+        width = padded_width(max(lengths) - 1, self.width_multiple)
         n = len(r.prompts)
         tokens = torch.zeros(n, width + 1, dtype=torch.long)
         mask = torch.zeros(n, width)
@@ -289,6 +292,8 @@ class GRPOTask:
 
     # ------------------------------------------------------------------ loop hooks
     def batches(self, consumed: int) -> list[dict]:
+        from recipes.grpo import loss_denominator, scale_to_minibatch
+
         index, offset = divmod(consumed, self.size)
         if consumed == 0 and self.eval_prompts:   # the starting policy, once (not again on resume)
             self.pending_eval = self.evaluate(0)
@@ -298,26 +303,19 @@ class GRPOTask:
         t = self.current[1]
         per_rank = self.gbs // self.dp_size
         start = offset + self.dp_rank * per_rank
-        g = self.g
-        denominator = float(t["loss_mask"][offset:offset + self.gbs].sum()) if g.loss_agg == "token-mean" \
-            else float(self.gbs)
         mbs = self.s.trainer.micro_batch_size
-        num_micro = per_rank // mbs
         micro = []
         for m in range(start, start + per_rank, mbs):
             sl = slice(m, m + mbs)
             batch = {k: v[sl] for k, v in t.items()}
             batch["position_ids"] = torch.arange(t["tokens"].shape[1]).expand(mbs, -1)
-            # megatron-core divides each micro-batch's loss by the micro-batch count and
-            # DDP averages over DP ranks: this makes the sum the minibatch's aggregate.
-            batch["loss_scale"] = torch.full((mbs,), num_micro * self.dp_size / max(denominator, 1.0))
-            batch["denominator"] = torch.full((mbs,), denominator / (num_micro * self.dp_size * mbs))
             micro.append(batch)
-        return micro
+        denominator = loss_denominator(t["loss_mask"][offset:offset + self.gbs], self.g.loss_agg)
+        return scale_to_minibatch(micro, denominator, self.dp_size)
 
     def loss(self, batch: dict, logits: torch.Tensor):
         from model.inference import target_logprobs_and_entropy
-        from recipes.grpo import clipped_surrogate, kl_penalty, loss_terms, tis_weight
+        from recipes.grpo import clipped_surrogate, kl_penalty, loss_terms, scaled_loss, tis_weight
 
         g = self.g
         mask = batch["loss_mask"].float()
@@ -345,11 +343,11 @@ class GRPOTask:
         def mean(x):
             return torch.stack([(x.detach().float() * mask).sum(), tokens])
 
-        report = {"lm loss": torch.stack([numerator.detach(), batch["denominator"].sum()]),
-                  "rl/pg_loss": mean(pg), "rl/kl": mean(kl), "rl/entropy": mean(entropy),
+        loss, count, lm = scaled_loss(numerator, batch)
+        report = {"lm loss": lm, "rl/pg_loss": mean(pg), "rl/kl": mean(kl), "rl/entropy": mean(entropy),
                   "rl/clip_fraction": mean(clipped), "rl/ratio": mean(torch.exp(logp - old)),
                   "rl/logp_mismatch": mean((old - rollout).abs())}
-        return numerator * batch["loss_scale"][0], torch.ones((), dtype=torch.int), report
+        return loss, count, report
 
     def scheduled_eval(self, metrics: dict) -> dict:
         """The held-out evaluation when this step is due one: every eval_interval updates and

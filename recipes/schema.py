@@ -183,7 +183,8 @@ class StageConfig:
 class SFTData:
     # chat JSONL: {"messages": [...], "tools": [...]} (data_pipeline/chat.py)
     files: list[str] = MISSING
-    # several conversations per row, attention kept inside each
+    # several conversations per row, attention kept inside each (on the TE path one row
+    # per micro-batch); false: one conversation per row, plain causal rows
     pack: bool = True
     # a conversation longer than seq_length: drop it, or truncate it
     overlength: str = "drop"

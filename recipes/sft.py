@@ -40,8 +40,6 @@ class SFT:
         if d.overlength not in sft_data.OVERLENGTH:
             raise ConfigError(f"sft.data.overlength={d.overlength!r} must be one of {sft_data.OVERLENGTH}")
         chat_tokenizer(cfg, s)
-        if d.pack and s.parallel.cp > 1:
-            raise ConfigError("sft.data.pack=true with parallel.cp>1 is not supported yet; set cp=1 or pack=false")
         if d.pack and te_available() and s.trainer.micro_batch_size != 1:
             raise ConfigError("packed SFT on the Transformer Engine path uses the THD layout, one row per "
                               f"micro-batch: set trainer.micro_batch_size=1 (got {s.trainer.micro_batch_size})")
@@ -51,13 +49,17 @@ class SFT:
         from megatron.core import parallel_state
 
         from data_pipeline import sft_data
+        from model.context_parallel import width_multiple
         from recipes.data import SampleBatches
 
         d = _data_cfg(cfg)
         t = s.trainer
         cache = Path(str(d.cache_dir)) if d.cache_dir else s.stage_dir / "data_cache"
+        # Context parallelism splits each packed document into 2*cp chunks on the THD path
+        # (model.context_parallel), so documents are padded to what the layout splits.
+        multiple = width_multiple(engine.chunks[0].config) if d.pack and s.parallel.cp > 1 else 1
         build = dict(files=d.files, tokenizer_dir=cfg.tokenizer, seq_length=t.seq_length, cache_dir=cache,
-                     overlength=d.overlength, pack_rows=bool(d.pack))
+                     overlength=d.overlength, pack_rows=bool(d.pack), document_multiple=multiple)
         # Rank 0 tokenizes and writes the cache; the others then read it.
         if dist.get_rank() == 0:
             data, where = sft_data.build(**build, progress=bool(cfg.logging.progress))

@@ -55,6 +55,11 @@ class TrainerConfig:
     log_interval: int = 10
     save_interval: int = 50
     keep_last: int = 2
+    # The distributed optimizer's checkpoint format: "dp_reshardable" (no gather at a save;
+    # resumes at the same layout, DP may change), "fully_reshardable" (gathers every optimizer
+    # state at each save; resumes at any layout) or "auto": the first on GPU, the second on
+    # CPU (model.builder.TRAINING_DEFAULTS; costs in recipes/checkpointing.py).
+    optimizer_checkpoint: str = "auto"
     # "auto": continue this stage from its latest checkpoint when there is one; "never".
     resume: str = "auto"
     # Activation recompute: "none", "selective" (attention core) or "full" (every layer).
@@ -177,7 +182,8 @@ def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
     from recipes.schema import BACKENDS
 
     t = s.trainer
-    problems = layout_problems(s.model, s.parallel, world_size, t.seq_length, use_te=te_available())
+    align = fp8_align(s.precision)
+    problems = layout_problems(s.model, s.parallel, world_size, t.seq_length, fp8=align > 1, fp8_align=align)
     if t.backend not in BACKENDS:
         problems.append(f"trainer.backend={t.backend!r} must be one of {', '.join(BACKENDS)}")
     elif t.backend == "deepspeed":   # imports megatron-core: only for the stages that use it
@@ -199,6 +205,9 @@ def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
         problems.append(f"trainer.recompute={t.recompute!r} must be none, selective or full")
     if t.nan_policy not in ("skip", "abort"):
         problems.append(f"trainer.nan_policy={t.nan_policy!r} must be 'skip' or 'abort'")
+    if t.optimizer_checkpoint not in ("auto", "dp_reshardable", "fully_reshardable"):
+        problems.append(f"trainer.optimizer_checkpoint={t.optimizer_checkpoint!r} must be auto, "
+                        "dp_reshardable or fully_reshardable")
     try:
         s.optim.schedule(t.max_steps)
     except ConfigError as e:
@@ -214,6 +223,19 @@ def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
             problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def fp8_align(precision: str) -> int:
+    """The token multiple FP8 GEMMs need under `precision=` (1 without FP8). Sequence
+    widths are checked against it on any machine, so that a config that passes here also
+    runs on the GPUs it is meant for."""
+    recipe = precision.removeprefix("fp8_")
+    if recipe not in _FP8_FORMAT:
+        return 1
+    from megatron.core.enums import Fp8Recipe   # only FP8 runs pay for the import here
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return get_fp8_align_size(Fp8Recipe(recipe))
 
 
 def resolve_precision(precision: str, cuda: bool, te: bool) -> tuple[str, dict, str | None]:
@@ -234,10 +256,33 @@ def resolve_precision(precision: str, cuda: bool, te: bool) -> tuple[str, dict, 
     if recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
         raise ConfigError("precision=mxfp8 needs a Blackwell GPU (compute capability 10+); "
                           "use fp8_blockwise or fp8_delayed on Hopper")
+    if recipe == "blockwise" and (why := _fp8_blockwise_unsupported()):
+        raise ConfigError(f"precision=fp8_blockwise cannot run here: {why}; use fp8_tensorwise or fp8_delayed")
     overrides = {"fp8": _FP8_FORMAT[recipe], "fp8_recipe": recipe}
     if recipe == "delayed":
         overrides.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
     return "bf16", overrides, None
+
+
+def _fp8_blockwise_unsupported() -> str | None:
+    """Why FP8 block scaling cannot run on this GPU (None when it can): megatron-core builds
+    TE's Float8BlockScaling from TE 2.3, and TE's own check says whether the device and CUDA
+    have its GEMMs (Hopper with CUDA >= 12.9, at the time of writing)."""
+    import importlib
+    import importlib.util
+
+    from megatron.core.utils import is_te_min_version
+
+    if not is_te_min_version("2.3.0.dev0"):
+        return "megatron-core uses Transformer Engine's Float8BlockScaling from TE 2.3"
+    for module in ("transformer_engine.pytorch.fp8", "transformer_engine.pytorch.quantization"):  # TE moved it
+        if importlib.util.find_spec(module) is None:
+            continue
+        check = getattr(importlib.import_module(module), "check_fp8_block_scaling_support", None)
+        if check is not None:
+            supported, reason = check()
+            return None if supported else reason
+    return None
 
 
 def recompute_overrides(mode: str) -> dict:
@@ -280,6 +325,8 @@ def check_start(resume_from: Path | None, init_from: Path | None, s: Settings, w
                           "keep the saved one: pass optim.override_schedule=true to rebuild it, or the old settings")
     if resume_from is not None and s.trainer.backend == "deepspeed" and (
             problem := resume_problem(resume_from, zero_stage(s.deepspeed), world_size)):
+        raise ConfigError(problem)
+    if resume_from is not None and (problem := ckpt.optimizer_layout_problem(resume_from, s.parallel)):
         raise ConfigError(problem)
     if init_from is not None and is_deepspeed_checkpoint(init_from) and (
             s.parallel.tp > 1 or s.parallel.pp > 1):
@@ -478,7 +525,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | No
             stopping = _agreed_stop(stop)
             if step % t.save_interval == 0 or step == t.max_steps or stopping:
                 saving = time.perf_counter()
-                saved = ckpt.save_checkpoint(engine, s.stage_dir, state, t.keep_last)
+                saved = ckpt.save_checkpoint(engine, s.stage_dir, state, t.keep_last, t.optimizer_checkpoint)
                 log.info(f"saved checkpoint {saved} in {time.perf_counter() - saving:.1f} s")
             if stopping:
                 log.event("stopped", step=step, signal=int(stop.signal or 0))

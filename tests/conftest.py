@@ -254,6 +254,50 @@ def pretrain(run_root: Path, data_root: Path, *overrides, nprocs: int | None = N
     return run(pretrain_command(run_root, data_root, *overrides, nprocs=nprocs), check=check, timeout=timeout)
 
 
+def start_pretrain(run_root: Path, data_root: Path, *overrides) -> subprocess.Popen:
+    """The command `pretrain` runs, as a process a test can signal (stderr piped)."""
+    return subprocess.Popen(pretrain_command(run_root, data_root, *overrides), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def sigkill_resume(run_root: Path, data_root: Path, model: str, *overrides, steps: int = 8) -> dict:
+    """`trainer.max_steps=steps` of pretraining killed with SIGKILL once step 3 is logged (then
+    somewhere between the end of step 3 and a later step, possibly mid-save), and resumed by
+    the same command; beside it a reference run that never saves (saving must not change what
+    a run computes either). Returns both runs' losses per step, the step resumed from, the
+    stage directory and the resumed run's stderr, for the test's own checks."""
+    import signal
+    import time
+
+    from recipes.run_log import read_metrics
+
+    common = [f"model={model}", f"trainer.max_steps={steps}", *overrides]
+    ref = start_pretrain(run_root / "ref", data_root, *common, "trainer.save_interval=100000")
+    victim = start_pretrain(run_root / "victim", data_root, *common)
+    stage = run_root / "victim" / model / "pretrain_s1"
+    deadline = time.time() + 300
+    while 3 not in read_metrics(stage) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()[-3000:]
+    assert not (stage / "final.json").exists(), "the run finished before it was killed"
+    killed_at = max(read_metrics(stage))
+    resumed_from = int((stage / "latest").read_text().strip().removeprefix("iter_"))
+    assert 2 <= resumed_from <= killed_at < steps
+    assert ref.wait() == 0, ref.stderr.read()[-3000:]
+    proc = pretrain(run_root / "victim", data_root, *common)
+    return {"expected": stage_losses(run_root / "ref" / model / "pretrain_s1"), "got": stage_losses(stage),
+            "resumed_from": resumed_from, "stage": stage, "stderr": proc.stderr}
+
+
+def stage_losses(stage_dir: Path) -> dict[int, float]:
+    """{step: loss} of a stage's metrics.jsonl."""
+    from recipes.run_log import read_metrics
+
+    return {step: m["loss"] for step, m in read_metrics(stage_dir).items()}
+
+
 # ---- the arithmetic task shared by the SFT, RL and distillation tests ----
 
 TRAIN_PROBLEMS, HELD_OUT = 1200, 40
@@ -338,7 +382,7 @@ def arith_cold_start(arith_task, mini_tokenizer_dir, tmp_path_factory):
 # RL and distillation both wait for the arithmetic cold start, which the first of them builds.
 LONG_FILES_FIRST = ("test_rl.py", "test_pipeline.py", "test_resume.py", "test_parity.py", "test_distill.py",
                     "test_convert.py", "test_train_step.py", "test_moe_balance.py", "test_sft_data.py",
-                    "test_slurm.py", "test_pretrain.py")
+                    "test_slurm.py", "test_pretrain.py", "test_context_parallel.py")
 
 
 def pytest_collection_modifyitems(items):

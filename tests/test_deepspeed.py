@@ -23,8 +23,8 @@ import torch
 from model.config import ConfigError
 from recipes.run_log import read_metrics
 from tests.conftest import pretrain, python_module, read_json, run, torchrun
+from tests.conftest import stage_losses as losses, start_pretrain as start
 from tests.test_hydra import composed
-from tests.test_resume import losses, start
 
 # float32 on 2 gloo ranks: the engines reduce gradients in different orders (megatron-core's
 # DDP buckets vs DeepSpeed's ZeRO partitions), so losses differ in the last bits; measured

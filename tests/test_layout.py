@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from model.config import HYDRA_CONF, ConfigError, ParallelConfig, load_model_config, load_parallel_config
-from model.parallel import Layout, LayoutError, layout_problems, minimum_world_size, validate_layout
+from model.parallel import (Layout, LayoutError, layout_problems, minimum_world_size, sequence_multiple,
+                            validate_layout)
 
 PUBLISHED = ["qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
              "qwen3_30b_a3b", "qwen3_235b_a22b"]
@@ -17,8 +18,8 @@ def model(name, **overrides):
     return load_model_config(name, **overrides)
 
 
-def only_problem(mdl, par, world_size=None, seq_length=None) -> str:
-    problems = layout_problems(mdl, par, world_size, seq_length)
+def only_problem(mdl, par, world_size=None, seq_length=None, **kwargs) -> str:
+    problems = layout_problems(mdl, par, world_size, seq_length, **kwargs)
     assert len(problems) == 1, problems
     return problems[0]
 
@@ -201,6 +202,21 @@ def test_seq_length_for_cp_and_sp_together():
     assert layout_problems(model("qwen3_8b"), par, seq_length=4104) == []
 
 
+def test_fp8_needs_weight_widths_of_16_per_rank():
+    """Rows are padded for FP8 (sequence widths, decode rows), weights cannot be: a width
+    that is not a multiple of 16 on some rank is refused before launch; every shipped
+    layout passes."""
+    for name in PUBLISHED + ["tiny", "tiny_moe", "mini", "mini_moe"]:
+        par = load_parallel_config(name if name in PUBLISHED else "default")
+        assert layout_problems(model(name, vocab_size=4096), par, fp8=True) == [], name
+    assert layout_problems(model("tiny", ffn_hidden_size=392), ParallelConfig(tp=2), fp8=True) == [
+        "FP8 GEMMs need every rank's weight widths to be multiples of 16: ffn_hidden_size/tp=196"]
+    assert layout_problems(model("tiny", ffn_hidden_size=392), ParallelConfig(tp=2)) == []
+    assert layout_problems(model("tiny_moe", kv_channels=36), ParallelConfig(tp=2, etp=8, sp=True), fp8=True) == [
+        "FP8 GEMMs need every rank's weight widths to be multiples of 16: num_attention_heads*kv_channels/tp=72, "
+        "moe_ffn_hidden_size/etp=8"]
+
+
 def test_seq_length_beyond_max_position_embeddings():
     msg = only_problem(model("qwen3_8b"), ParallelConfig(), seq_length=40961)
     assert msg == "seq_length=40961 exceeds max_position_embeddings=40960"
@@ -344,8 +360,27 @@ def test_load_parallel_config_rejects_unknown_keys(tmp_path: Path):
         load_parallel_config(str(p))
 
 
-def test_context_parallelism_needs_te():
-    par = ParallelConfig(cp=2)
-    assert layout_problems(model("tiny"), par, use_te=False) == [
-        "cp=2 needs Transformer Engine attention (GPU); the local spec has no context parallelism"]
-    assert layout_problems(model("tiny"), par, use_te=True) == []
+def test_context_parallelism_runs_on_either_spec():
+    # the local spec has its own context-parallel attention (model.cp_attention)
+    assert layout_problems(model("tiny"), ParallelConfig(cp=2), world_size=2, seq_length=64) == []
+
+
+@pytest.mark.parametrize("tp, cp, sp, fp8_align, multiple", [
+    (1, 1, False, 1, 1), (4, 1, True, 1, 4), (1, 2, False, 1, 4), (2, 2, True, 1, 4), (4, 2, True, 1, 8),
+    (1, 1, False, 16, 16), (2, 2, True, 16, 64), (8, 1, True, 32, 256), (4, 2, False, 16, 32)])
+def test_sequence_multiple(tp, cp, sp, fp8_align, multiple):
+    """2*cp chunks, each rank's cp share split over tp under SP, and FP8's token multiple on
+    every rank's share: the multiple is the least width for which all three hold."""
+    assert sequence_multiple(tp, cp, sp, fp8_align) == multiple
+    share = multiple // (cp * (tp if sp else 1))   # tokens of one rank
+    assert multiple % (2 * cp if cp > 1 else 1) == 0 and share % fp8_align == 0
+
+
+def test_seq_length_for_fp8():
+    par = ParallelConfig(tp=2, cp=2, sp=True)
+    assert layout_problems(model("tiny"), par, seq_length=96) == []
+    assert only_problem(model("tiny"), par, seq_length=96, fp8=True) == \
+        "seq_length=96 is not divisible by 64 (required by cp and sp and fp8)"
+    assert layout_problems(model("tiny"), par, seq_length=128, fp8=True) == []
+    assert only_problem(model("tiny"), ParallelConfig(), seq_length=48, fp8=True, fp8_align=32) == \
+        "seq_length=48 is not divisible by 32 (required by fp8)"

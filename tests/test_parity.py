@@ -18,8 +18,9 @@ from tests.conftest import parity
 FP32_GATE = 1e-4
 BF16_GATE, BF16_COSINE, BF16_TOP1 = 5e-2, 0.999, 0.95
 
-DENSE_LAYOUTS = ["tp1", "tp2", "pp2", "pp2vpp2"]
-MOE_LAYOUTS = ["tp1", "tp2", "pp2", "ep2", "tp2ep2"]
+# cp2: context parallelism, each rank running its half of the sequence (model.cp_attention)
+DENSE_LAYOUTS = ["tp1", "tp2", "pp2", "pp2vpp2", "cp2"]
+MOE_LAYOUTS = ["tp1", "tp2", "pp2", "ep2", "tp2ep2", "cp2"]
 CASES = {  # HF variant -> layouts
     "dense_tied": DENSE_LAYOUTS,
     "dense_untied": DENSE_LAYOUTS,
@@ -55,13 +56,15 @@ def test_bfloat16_logits_match_hf(results, variant, layout):
     assert m["top1_agreement"] >= BF16_TOP1, m
 
 
-@pytest.mark.slow   # ~17 s; the logits comparison itself is in the default suite
-def test_compare_hf_cli_reports_metrics(hf_dirs, converted):
-    """The user-facing command prints the metrics (here at TP=2, re-launching itself)."""
+@pytest.mark.slow   # ~17 s each; the logits comparison itself is in the default suite
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--cp", "2"]])
+def test_compare_hf_cli_reports_metrics(hf_dirs, converted, layout):
+    """The user-facing command prints the metrics (here at TP=2 or CP=2, re-launching itself;
+    at CP=2 on 18 tokens, which the ranks' share of the sequence pads to 20)."""
     from tests.conftest import python_module
 
     out = python_module("model.compare_hf", "--hf-dir", hf_dirs["moe"], "--ckpt", converted["moe"],
-                        "--tp", "2", "--seq", "16").stdout
+                        *layout, "--seq", "18").stdout
     lines = {line.split("  ")[0].strip(): line.split()[-1] for line in out.splitlines() if line.strip()}
     assert float(lines["max |Δ| / max |l|"]) <= FP32_GATE, out
     assert lines["top-1 agreement"] == "100.00%", out

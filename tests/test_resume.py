@@ -13,53 +13,32 @@ import pytest
 
 from recipes.run_log import read_metrics
 from recipes.checkpointing import complete_checkpoints
-from tests.conftest import REPO, _env, cli_error, config_error, pretrain, pretrain_command, read_json
+from tests.conftest import (REPO, _env, cli_error, config_error, pretrain, pretrain_command, read_json, run,
+                            sigkill_resume, stage_losses)
 
 STEPS = 8
 
 
-def losses(stage_dir):
-    return {step: m["loss"] for step, m in read_metrics(stage_dir).items()}
-
-
-def start(run_root, data_root, *overrides):
-    """The command `pretrain` runs, as a process we can kill."""
-    return subprocess.Popen(pretrain_command(run_root, data_root, *overrides), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-# The MoE twin (router state, expert grads, plain optimizer) is the slower one.
+# The MoE twin (router state, expert grads, plain optimizer) is the slower one. The tiny run
+# saves the distributed optimizer in dp_reshardable, the GPU recipe's format, which loads
+# only at the layout it was saved at: another TP is refused before launch.
 @pytest.mark.parametrize("model,dist_opt", [("tiny", True), pytest.param("tiny_moe", False, marks=pytest.mark.slow)])
 def test_sigkill_resume_is_bit_exact(tmp_path, pretrain_data, model, dist_opt):
     # every other step: a full-vocabulary checkpoint with optimizer state is the slow part
-    common = [f"model={model}", f"trainer.max_steps={STEPS}", "trainer.save_interval=2",
-              "trainer.micro_batch_size=2", f"optim.use_distributed_optimizer={str(dist_opt).lower()}"]
-    # the reference never saves: saving must not change what the victim computes either
-    ref = start(tmp_path / "ref", pretrain_data, *common, "trainer.save_interval=100")
-    victim = start(tmp_path / "victim", pretrain_data, *common)
-    stage = tmp_path / "victim" / model / "pretrain_s1"
-    deadline = time.time() + 300
-    # Kill once step 3 is logged: the process is then somewhere between the end of
-    # step 3 and a later step, possibly mid-save (of step 4).
-    while 3 not in read_metrics(stage) and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()[-3000:]
-    assert not (stage / "final.json").exists(), "the run finished before it was killed"
-    killed_at = max(read_metrics(stage))
-    resumed_from = int((stage / "latest").read_text().strip().removeprefix("iter_"))
-    assert 2 <= resumed_from <= killed_at < STEPS
-
-    assert ref.wait() == 0, ref.stderr.read()[-3000:]
-    proc = pretrain(tmp_path / "victim", pretrain_data, *common)
-    assert "resumed pretrain_s1 from" in proc.stderr
-    expected, got = losses(tmp_path / "ref" / model / "pretrain_s1"), losses(stage)
+    common = ["trainer.save_interval=2", "trainer.micro_batch_size=2", "trainer.optimizer_checkpoint=dp_reshardable",
+              f"optim.use_distributed_optimizer={str(dist_opt).lower()}"]
+    r = sigkill_resume(tmp_path, pretrain_data, model, *common, steps=STEPS)
+    assert "resumed pretrain_s1 from" in r["stderr"]
+    expected, got, resumed_from = r["expected"], r["got"], r["resumed_from"]
     assert sorted(got) == list(range(1, STEPS + 1))
     # Bit-identical: JSON floats round-trip exactly.
     assert {s: got[s] for s in got if s > resumed_from} == {s: expected[s] for s in expected if s > resumed_from}
     # keep_last=2: older checkpoints pruned, the newest complete ones kept.
-    assert [p.name for p in complete_checkpoints(stage)] == [f"iter_{STEPS - 2:07d}", f"iter_{STEPS:07d}"]
+    assert [p.name for p in complete_checkpoints(r["stage"])] == [f"iter_{STEPS - 2:07d}", f"iter_{STEPS:07d}"]
+    if dist_opt:
+        again = [f"model={model}", f"trainer.max_steps={STEPS}", *common, "parallel.tp=2"]
+        error = config_error(pretrain_command(tmp_path / "victim", pretrain_data, *again))
+        assert "dp_reshardable format" in error and "saved at tp=1" in error and "this run has tp=2" in error, error
 
 
 def test_manifest_lists_every_file_and_finds_damage(tmp_path):
@@ -148,11 +127,29 @@ def test_tp2_checkpoint_resumes_at_tp1(tmp_path, pretrain_data):
     pretrain(tmp_path / "moved", pretrain_data, *common, "trainer.max_steps=3", "parallel.tp=2", nprocs=2)
     proc = pretrain(tmp_path / "moved", pretrain_data, *common, "trainer.max_steps=4")
     assert "resumed pretrain_s1" in proc.stderr and "at step 3" in proc.stderr
-    ref = losses(tmp_path / "ref" / "tiny" / "pretrain_s1")
-    moved = losses(tmp_path / "moved" / "tiny" / "pretrain_s1")
+    ref = stage_losses(tmp_path / "ref" / "tiny" / "pretrain_s1")
+    moved = stage_losses(tmp_path / "moved" / "tiny" / "pretrain_s1")
     assert moved[3] == ref[3]
     assert moved[4] == pytest.approx(ref[4], rel=1e-6, abs=1e-6)
     assert moved[4] != moved[3]
+
+
+def test_checkpoints_move_between_the_local_and_te_specs(tmp_path):
+    """A CPU (local spec) checkpoint loads into the sharded state dict the Transformer
+    Engine spec asks for, whose standalone norms (TENorm: QK-norm, the MoE pre-MLP norm,
+    the final norm) also want an `_extra_state` the local RMSNorm never saves; a checkpoint
+    with TE's extra states loads into the local spec; no other absent key is let through.
+    How the TE request is derived without TE: tests/workers/spec_checkpoints.py."""
+    out = tmp_path / "results.json"
+    run([sys.executable, "tests/workers/spec_checkpoints.py", "--work", tmp_path, "--out", out])
+    res = read_json(out)
+    te_norms = ["decoder.final_layernorm._extra_state", "decoder.layers.self_attention.k_layernorm._extra_state",
+                "decoder.layers.self_attention.q_layernorm._extra_state"]
+    for name, moe_norm in (("tiny", []), ("tiny_moe", ["decoder.layers.pre_mlp_layernorm._extra_state"])):
+        r = res[name]
+        assert r["te_only"] == sorted(te_norms + moe_norm), r
+        assert r["local_to_te_weights_equal"] and r["local_to_te_extra_states"] == ["None"], r
+        assert r["te_to_local_weights_equal"] and r["other_missing_refused"], r
 
 
 def test_nan_guard_skips_then_aborts(tmp_path, mini_pretrain_data):
@@ -180,6 +177,7 @@ def test_nan_guard_skips_then_aborts(tmp_path, mini_pretrain_data):
     (["+data.blend.nosuch=1.0"], "nosuch"),
     (["stage=pretrain_s2", "run.name=fresh"], "init_from='pretrain_s1' is neither a stage of run"),
     (["optim.decay_style=exp"], "optim.decay_style='exp'"),
+    (["trainer.optimizer_checkpoint=zero"], "trainer.optimizer_checkpoint='zero' must be auto, dp_reshardable"),
 ])
 def test_bad_config_fails_before_training(tmp_path, pretrain_data, overrides, message):
     # in this process (recipes.train.validate); the CLI's exit code and stderr: the test below

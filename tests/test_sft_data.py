@@ -110,6 +110,36 @@ def test_packed_logits_equal_each_document_alone(packed, case):
     assert r["unmasked_diff"] > 1e-2
 
 
+def test_unpacked_rows_take_the_plain_causal_path_at_any_micro_batch(packed):
+    """sft.data.pack=false: no batch carries segment_ids (which on the TE path mean THD,
+    one row per micro-batch), and micro-batches of 2 rows give the loss of 1 row each."""
+    r = packed["unpacked_sft"]
+    assert not r["segment_ids"]
+    assert r["loss_mbs2"] == pytest.approx(r["loss_mbs1"], rel=1e-6)
+
+
+def test_unpacked_samples_need_no_thd():
+    """The rows the SFT stage hands the model when unpacked: no segment_ids, positions
+    0..seq-1, so model.packing's attention inputs stay (None, None) on the TE path too
+    (thd_params would refuse two rows)."""
+    from model.packing import attention_inputs
+    from recipes.data import SampleBatches
+
+    triples = [(np.arange(5), np.arange(1, 6), np.ones(5)), (np.arange(3), np.arange(1, 4), np.ones(3))]
+    rows = sft_data.assemble(triples, [[0], [1]], 8, pad_id=0)
+    for pack in (False, True):
+        samples = sft_data.SFTSamples(sft_data.SFTData(**rows, stats={"pack": pack}), seed=0)
+        batch = SampleBatches(samples, [], 2, 2, 0, 1)(0)[0]
+        assert ("segment_ids" in batch) is pack
+        if pack:
+            assert batch["position_ids"][0].tolist() in ([0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3, 4])
+            with pytest.raises(ValueError, match="micro_batch_size=1"):
+                attention_inputs(batch["segment_ids"], use_te=True)
+        else:
+            assert batch["position_ids"].tolist() == [list(range(8))] * 2
+            assert attention_inputs(batch.get("segment_ids"), use_te=True) == (None, None)
+
+
 @pytest.fixture(scope="module")
 def generations(tmp_path_factory, qwen3_tokenizer_dir):
     out = tmp_path_factory.mktemp("gen") / "r.json"
@@ -183,6 +213,32 @@ def test_greedy_rollouts_same_under_pp2_and_ep2(generations, layout, reference, 
         assert np.ptp(g["logprobs"]) > 1e-2
     # the MoE model has other weights: its tokens differ from the dense model's
     assert generations["tiny_moe/tp1"]["mixed"][0]["tokens"] != generations["tp1"]["mixed"][0]["tokens"]
+
+
+@pytest.mark.parametrize("name", ["mixed", "sampled"])
+def test_fp8_decode_pads_the_batch_and_keeps_the_prompts_results(generations, name):
+    """With the model configured for FP8 the KV-cache decode runs 16 rows (3 or 2 prompts
+    plus idle ones); the prompts' first 8 tokens are those of the unpadded batch (sampling
+    draws for the real rows only) and their log-probs agree to fp32 rounding."""
+    run = generations["tp1"]
+    assert run["fp8_rows"] == [16]
+    for ref, got in zip(run[name], run[f"{name}_fp8"], strict=True):
+        n = len(got["tokens"])
+        assert n == min(len(ref["tokens"]), 8) and got["tokens"] == ref["tokens"][:n]
+        assert got["logprobs"] == pytest.approx(ref["logprobs"][:n], abs=1e-5)
+
+
+def test_decode_rows_pad_to_the_fp8_multiple():
+    from types import SimpleNamespace
+
+    from model.inference import decode_rows
+
+    def cfg(fp8, recipe="delayed"):
+        return SimpleNamespace(fp8=fp8, fp8_recipe=recipe)
+
+    assert [decode_rows(cfg(None), n) for n in (1, 3, 17)] == [1, 3, 17]
+    assert [decode_rows(cfg("e4m3"), n) for n in (1, 16, 17)] == [16, 16, 32]
+    assert decode_rows(cfg("e4m3", "mxfp8"), 3) == 32   # MXFP8 scales blocks of 32
 
 
 def test_pick_top_k_and_top_p():

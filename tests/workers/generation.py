@@ -11,6 +11,12 @@ different lengths with no budget: at TP=1 with the cache and without, at PP=2 (w
 always recomputes), and on a random `tiny_moe` at EP=1 and EP=2 (the cache serves EP).
 Each layout after the first loads the first one's checkpoint, so all see the same weights.
 Rank 0 records the token ids, log-probs and whether the KV cache was used.
+
+At TP=1 `mixed` and `sampled` also run with the model configured for FP8 (`config.fp8`,
+as precision=fp8_* sets it; without Transformer Engine megatron-core's FP8 context is a
+no-op, so only the shapes change), for their first 8 tokens: the cached decode pads the
+batch to 16 rows (`model.inference.decode_rows`), recorded as the row counts the model
+was called with.
 """
 
 import argparse
@@ -80,6 +86,17 @@ def main():
                             vocab_limit=len(tok), use_cache=cache)
             run[name] = [{"tokens": g.tokens, "forced": g.forced, "logprobs": g.logprobs,
                           "finish": g.finish, "budget_stopped": g.budget_stopped} for g in gens]
+        if model == "tiny" and layout == "tp1":
+            rows = []
+            hook = chunks[0].register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+            chunks[0].config.fp8 = "hybrid"
+            for name, prompts, budget, sampling, cache, new_tokens in (mixed_run, budget_runs[-1]):
+                gens = generate(chunks, prompts, min(new_tokens, 8), stop_ids(tok), sampling,
+                                thinking_budget(tok, budget), vocab_limit=len(tok), use_cache=cache)
+                run[f"{name}_fp8"] = [{"tokens": g.tokens, "logprobs": g.logprobs} for g in gens]
+            chunks[0].config.fp8 = None
+            hook.remove()
+            run["fp8_rows"] = sorted(set(rows))
         results[layout if model == "tiny" else f"{model}/{layout}"] = run
         reset_model_parallel()
     results["stop_phrase"] = thinking_budget(tok, 0).stop_phrase
