@@ -101,7 +101,7 @@ def check_global_token_mean(rank: int) -> dict:
     task = object.__new__(DistillTask)
     task.phase, task.eval_prompts, task.score_online, task.c = "off_policy", [], False, c
     task.samples = lambda consumed: [dict(m) for m in micro[2 * rank:2 * rank + 2]]
-    task.engine, task.tp, task.tokenizer = engine, 1, [None] * TEST_VOCAB
+    task.engine, task.tp, task.width_multiple, task.tokenizer = engine, 1, 1, [None] * TEST_VOCAB
     task.dp_size, task.dp_group = 2, parallel_state.get_data_parallel_group()
     task.s = SimpleNamespace(trainer=SimpleNamespace(micro_batch_size=2))
     engine.loss_fn, engine.loss_positions_only = task.loss, True
