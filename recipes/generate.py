@@ -4,8 +4,10 @@
         input=prompts.jsonl output=answers.jsonl thinking_budget=256 enable_thinking=true
 
 `generate()` is the helper that RL, distillation and evaluation call; this module's CLI
-runs it over a prompt file. It decodes by recomputing the whole prefix each step (a KV
-cache is the rollout engine's business) and returns every sampled token's log-prob.
+runs it over a prompt file. It decodes with megatron-core's static KV cache where
+`kv_cache_usable` allows (one chunk, PP=1, CP=1, no SP; under FP8 the decode rows are padded
+to the FP8 multiple), by recomputing the whole prefix otherwise, and returns every sampled
+token's log-prob.
 
 Thinking budget (Qwen3 report section 4.3): once a response has produced N tokens after
 `<think>` without closing it, the report's instruction "Considering the limited time by

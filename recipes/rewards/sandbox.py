@@ -359,22 +359,17 @@ class _Cgroup:
 
     def kill(self) -> None:
         """SIGKILL whatever is still in the cgroup (nothing, normally: the PID namespace is gone)."""
-        for _ in range(50):
-            pids = []
-            for procs in self.procs:
-                try:
-                    with open(procs) as f:
-                        pids += [int(p) for p in f.read().split()]
-                except (OSError, ValueError):
-                    pass
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.02)
+        _kill_until_gone(self._pids, tries=50, pause=0.02)
+
+    def _pids(self) -> list[int]:
+        pids = []
+        for procs in self.procs:
+            try:
+                with open(procs) as f:
+                    pids += [int(p) for p in f.read().split()]
+            except (OSError, ValueError):
+                pass
+        return pids
 
     def remove(self) -> None:
         self.kill()
@@ -523,8 +518,13 @@ def _pids_of(uid: int) -> list[int]:
 
 def _kill_user(uid: int) -> None:
     """SIGKILL every process running as `uid` (a root caller's per-run uid, so only the run's)."""
-    for _ in range(20):
-        pids = _pids_of(uid)
+    _kill_until_gone(lambda: _pids_of(uid), tries=20, pause=0.05)
+
+
+def _kill_until_gone(list_pids, tries: int, pause: float) -> None:
+    """SIGKILL what `list_pids()` names until it names nothing (a dying fork may spawn once more)."""
+    for _ in range(tries):
+        pids = list_pids()
         if not pids:
             return
         for pid in pids:
@@ -532,7 +532,7 @@ def _kill_user(uid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        time.sleep(0.05)
+        time.sleep(pause)
 
 
 # ---------------------------------------------------------------------------------------------
