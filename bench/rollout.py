@@ -10,10 +10,10 @@ tokens (no stop token, so every row generates all of them), greedy and sampled
 (temperature 1, top-p 0.9, top-k 50, a fixed seed), along two paths:
 
   KV cache   `use_cache=True`: the prompt once, then one token per step through
-             megatron-core's StaticInferenceContext (what rollouts use at one pipeline
-             stage without sequence parallelism);
+             megatron-core's StaticInferenceContext (what rollouts use at every layout
+             but VPP and CP);
   recompute  `use_cache=False`: the whole prefix again every step through
-             `model.inference.forward_logits` (what PP, and TP with sequence parallelism, use).
+             `model.inference.forward_only` (what VPP and CP use).
 
 Per decoding mode and path: a short warm-up generation, then `--repeats` timed
 generations (wall clock, CUDA synchronised); the table shows the median.
@@ -106,9 +106,44 @@ def _timed(chunks, prompts, b: RolloutBench, sampling, use_cache: bool, meter) -
             "tokens": [g.tokens for g in first], "logprobs": [g.logprobs for g in first]}
 
 
+def _timed_vllm(engine, prompts, b: RolloutBench, sampling, meter) -> dict:
+    """The vLLM engine's rows: the same prompts, sampling and repeats as `_timed`."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    engine.generate(prompts, min(b.warmup_tokens, b.new_tokens), sampling, None)
+    meter.start()
+    times, first = [], None
+    for _ in range(b.repeats):
+        sync()
+        started = time.perf_counter()
+        gens = engine.generate(prompts, b.new_tokens, sampling, None)
+        sync()
+        times.append(time.perf_counter() - started)
+        first = first or gens
+    return {"times": times, "peak_bytes": meter.peak(), "generated": sum(len(g.tokens) for g in first),
+            "tokens": [g.tokens for g in first], "logprobs": [g.logprobs for g in first]}
+
+
+def vllm_unavailable(cfg) -> str | None:
+    """Why the vLLM rows are left out here; None when they run."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    if not torch.cuda.is_available():
+        from recipes.rollout.vllm_engine import head_dim_problem
+
+        return head_dim_problem(cfg)
+    return None
+
+
 def run_benchmark(b: RolloutBench) -> dict:
     """Both paths, greedy and sampled, on one model and one batch: {"environment", "config", "rows", "checks"}."""
     import torch
+    import torch.distributed as dist
 
     from bench.train import MemoryMeter, environment
     from model.builder import build_model
@@ -143,13 +178,43 @@ def run_benchmark(b: RolloutBench) -> dict:
                          "peak_bytes": r["peak_bytes"], "speedup": None})
         cached, full = rows[-2], rows[-1]
         cached["speedup"] = cached["tokens_per_s"] / full["tokens_per_s"]
+    skipped = vllm_unavailable(cfg)
+    startup = None
+    if skipped is None:
+        from recipes.rollout import VLLMSettings
+        from recipes.rollout.vllm_engine import VLLMEngine
+
+        started = time.perf_counter()
+        engine = VLLMEngine(cfg, [], cfg.vocab_size, VLLMSettings(), b.prompt_len + b.new_tokens, b.seed, dtype)
+        engine.sync_weights(chunks)
+        startup = time.perf_counter() - started
+        recompute = {r["decoding"]: r for r in rows if r["path"] == "recompute"}
+        for mode, sampling in modes.items():
+            r = _timed_vllm(engine, prompts, b, sampling, meter)
+            runs[mode, "vLLM"] = r
+            median = statistics.median(r["times"])
+            rows.append({"decoding": mode, "path": "vLLM", "batch": b.batch, "prompt_len": b.prompt_len,
+                         "new_tokens": b.new_tokens, "median_s": median, "times": r["times"],
+                         "generated": r["generated"], "tokens_per_s": r["generated"] / median,
+                         "peak_bytes": r["peak_bytes"],
+                         "speedup": r["generated"] / median / recompute[mode]["tokens_per_s"]})
     checks = {}
     for mode in modes:
         cached, full = runs[mode, "KV cache"], runs[mode, "recompute"]
         diffs = [abs(a - c) for la, lc in zip(cached["logprobs"], full["logprobs"]) for a, c in zip(la, lc)]
         checks[mode] = {"tokens_identical": cached["tokens"] == full["tokens"],
                         "max_logprob_diff": max(diffs) if diffs else 0.0}
-    destroy_distributed()
+    if skipped is None:   # vLLM samples with its own generator: only greedy tokens can agree
+        theirs = runs["greedy", "vLLM"]["tokens"]
+        ours = runs["greedy", "KV cache"]["tokens"]
+        checks["vllm"] = {"startup_s": startup, "greedy_rows_identical": sum(a == c for a, c in zip(theirs, ours)),
+                          "rows": len(ours),
+                          "greedy_token_agreement": sum(x == y for a, c in zip(theirs, ours) for x, y in zip(a, c))
+                          / max(sum(len(c) for c in ours), 1)}
+    else:
+        checks["vllm"] = {"skipped": skipped}
+    if dist.is_initialized():   # vLLM's shutdown at exit may take the default group first
+        destroy_distributed()
     return {"environment": environment(), "config": {**asdict(b), "dtype": str(dtype).removeprefix("torch.")},
             "rows": rows, "checks": checks}
 
@@ -171,6 +236,14 @@ def report(result: dict) -> str:
              + ("" if "cores" not in result["environment"]["device"] else f"; {c['threads']} thread(s)"),
              format_table(result["rows"])]
     for mode, check in result["checks"].items():
+        if mode == "vllm":
+            if "skipped" in check:
+                lines.append(f"vLLM rows left out: {check['skipped']}")
+            else:
+                lines.append(f"vLLM (same weights, synced in memory; start-up {check['startup_s']:.1f} s): greedy rows "
+                             f"identical to the KV cache's {check['greedy_rows_identical']}/{check['rows']}, token "
+                             f"agreement {check['greedy_token_agreement']:.1%}; its speed-up column is over recompute")
+            continue
         lines.append(f"{mode} tokens identical (KV cache vs recompute): {check['tokens_identical']}; "
                      f"max |log-prob diff| {check['max_logprob_diff']:.2e}")
     return "\n".join(lines)

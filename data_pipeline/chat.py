@@ -217,6 +217,24 @@ def encode(tokenizer, messages: list[dict], tools: list | None = None, add_gener
     return list(ids), mask
 
 
+def prompt_messages(row: dict) -> list[dict]:
+    """A data row's prompt as messages: its `messages` (a training conversation without its
+    final assistant turn), or its `prompt` text as one user turn; ValueError for neither."""
+    if isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+        # a training conversation: prompt with everything before its final assistant turn
+        return msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    raise ValueError("row has neither 'messages' nor 'prompt'")
+
+
+def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = True) -> list[int]:
+    """The prompt's tokens in the Qwen3 chat format, ending in the generation prompt."""
+    return tokenizer.encode(render(messages, add_generation_prompt=True, enable_thinking=enable_thinking).text,
+                            add_special_tokens=False)
+
+
 def problem(messages) -> str | None:
     """Why a training conversation is unusable (a short reason key), or None if it is fine."""
     if not isinstance(messages, list) or not messages:

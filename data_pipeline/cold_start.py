@@ -20,8 +20,8 @@ Query filters, in this order:
   reference; `build(no_cot_correct=fn)` takes any other judge.
 
 Response filters, the report's list (thresholds: `Thresholds`, from `filters.*`):
-1. wrong_answer: the summary's final answer (`recipes.rewards.math.extract_answer`) does not
-   match the reference (`answers_match`, math-verify). Code rows (tests, no reference) are
+1. wrong_answer: the summary's final answer (`data_pipeline.math_answers.extract_answer`) does
+   not match the reference (`answers_match`, math-verify). Code rows (tests, no reference) are
    NOT executed here (the sandbox comes with reasoning RL): they are counted as
    `unverified_code` and kept, or dropped with `filters.keep_unverified_code=false`.
 2. repetition: the share of repeated word n-grams (`repetition_n`) in the response exceeds
@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from data_pipeline.chat import split_reasoning
+from data_pipeline.math_answers import answers_match, extract_answer
 from model.config import HYDRA_CONF, ConfigError, from_dict
-from recipes.rewards.math import answers_match, extract_answer
 
 FILTERS = ("wrong_answer", "repetition", "guessing", "inconsistent", "language_mixing", "validation_overlap")
 MALFORMED, UNVERIFIED_CODE = "malformed", "unverified_code"

@@ -56,7 +56,7 @@ class TopKWriter:
             raise ConfigError(f"{output} already holds top-k records with k={old['k']} at temperature "
                               f"{old['temperature']}; write to a new output or use the same settings")
         if old is None:
-            from recipes.checkpointing import write_atomic
+            from model.checkpoint import write_atomic
 
             write_atomic(meta_path, json.dumps(meta) + "\n")
         self.k, self.tokens = k, keep_tokens

@@ -15,8 +15,11 @@ weighted sum is the reward (general RL mixes rule-based and model-based rewards)
 entry's own "reference" overrides the row's. The model-based rewards (`reward_model`,
 `judge`) are given the row's prompt by the reader. Rows that cannot be used are skipped and
 counted by reason, never fatal: unreadable JSON, no prompt, an unknown reward, a bad
-weight, a reference the reward rejects (`recipes.rewards.reference_problem`), or a prompt
-too long for the stage's sequence length.
+weight, a reference the reward rejects, or a prompt too long for the stage's sequence length.
+
+Which rewards exist and which references they accept is the reward registry's knowledge
+(recipes.rewards, a layer above this one): the caller hands it in as `known` (the names)
+and `reference_problem(name, reference) -> why not | None`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Container
+
+from data_pipeline.chat import prompt_ids, prompt_messages
 
 
 @dataclass
@@ -37,16 +42,17 @@ class RLPrompt:
     ids: list[int] | None = None            # the rendered prompt's tokens
 
 
-def reward_entries(spec, reference, messages: list[dict] | None = None,
-                   check_references: bool = True) -> list[tuple[str, float, Any]]:
-    """The (name, weight, reference) list a row's `reward` field names; ValueError if malformed.
+def reward_entries(spec, reference, messages: list[dict] | None = None, *, known: Container[str],
+                   reference_problem: Callable[[str, Any], str | None] | None = None
+                   ) -> list[tuple[str, float, Any]]:
+    """The (name, weight, reference) list a row's `reward` field names: KeyError for a name
+    not in `known`, ValueError if malformed or (with `reference_problem`) for a reference
+    its reward rejects.
 
     Model-based rewards score the response against its prompt, so the row's prompt
     `messages` become their reference: `reward_model` gets the prompt, `judge` gets
     {"prompt", "reference"} with the row's reference answer (unless the entry says otherwise).
     """
-    from recipes.rewards import REWARDS, reference_problem
-
     items = spec if isinstance(spec, list) else [spec]
     if not items:
         raise ValueError("empty reward list")
@@ -56,7 +62,7 @@ def reward_entries(spec, reference, messages: list[dict] | None = None,
             item = {"name": item}
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ValueError(f"reward entry {item!r} needs a name")
-        if item["name"] not in REWARDS:
+        if item["name"] not in known:
             raise KeyError(item["name"])
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
@@ -66,17 +72,17 @@ def reward_entries(spec, reference, messages: list[dict] | None = None,
             ref = messages
         elif item["name"] == "judge" and not isinstance(ref, dict):
             ref = {"prompt": messages, "reference": ref}
-        if check_references and (problem := reference_problem(item["name"], ref)) is not None:
+        if reference_problem is not None and (problem := reference_problem(item["name"], ref)) is not None:
             raise ValueError(problem)
         out.append((item["name"], float(weight), ref))
     return out
 
 
-def read_prompts(files: list, default_rewards, tokenizer, max_prompt_tokens: int,
-                 enable_thinking: bool) -> tuple[list[RLPrompt], Counter]:
-    """Every usable row of `files`, prompt tokens rendered, and the skipped rows by reason."""
-    from recipes.generate import prompt_ids, prompt_messages
-
+def read_prompts(files: list, default_rewards, tokenizer, max_prompt_tokens: int, enable_thinking: bool, *,
+                 known: Container[str], reference_problem: Callable[[str, Any], str | None]
+                 ) -> tuple[list[RLPrompt], Counter]:
+    """Every usable row of `files`, prompt tokens rendered, and the skipped rows by reason;
+    rewards checked as `reward_entries` does."""
     prompts, skipped = [], Counter()
     for file in files:
         path = Path(str(file))
@@ -93,7 +99,8 @@ def read_prompts(files: list, default_rewards, tokenizer, max_prompt_tokens: int
                 skipped["unreadable row or no prompt"] += 1
                 continue
             try:
-                rewards = reward_entries(row.get("reward", default_rewards), row.get("reference"), messages)
+                rewards = reward_entries(row.get("reward", default_rewards), row.get("reference"), messages,
+                                         known=known, reference_problem=reference_problem)
             except KeyError:
                 skipped["unknown reward"] += 1
                 continue

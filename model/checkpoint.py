@@ -45,6 +45,14 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "metadata.json").is_file()
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """`text` as the whole of `path` or not at all: written beside it and renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def model_sharded_state_dict(chunks) -> dict:
     """Sharded state dict of all model chunks, nested the way Megatron-LM nests it."""
     if len(chunks) == 1:
@@ -132,9 +140,7 @@ def write_manifest(directory: str | Path) -> None:
     digests = _checksums(root, names)
     if _rank() == 0:
         files = {name: {"size": (root / name).stat().st_size, "sha256": digests[name]} for name in names}
-        tmp = root / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
-        os.replace(tmp, root / MANIFEST_FILE)
+        write_atomic(root / MANIFEST_FILE, json.dumps({"files": files}, indent=1) + "\n")
     _barrier()
 
 

@@ -182,6 +182,66 @@ def fill_from_hf(chunks, hf: HFWeights, cfg: ModelConfig) -> None:
             sh.data.copy_(local)
 
 
+def hf_tensors(chunks, cfg: ModelConfig, group=None):
+    """Collective over `group` (default: the world): the model's current weights as HF
+    (name, tensor) pairs, global tensors first and then one layer at a time, the same on
+    every rank. Nothing touches disk: an in-memory weight sync (recipes/rollout) consumes
+    this as it is produced, so at most one layer's full tensors exist at once.
+
+    Every rank places the shards it is the main replica of (megatron-core's replica ids:
+    DP copies and TP-replicated norms place nothing) into a zeroed full tensor per
+    checkpoint key, layer and expert, and a sum over the group completes it: one rule for
+    TP, PP, VPP and EP shards, whatever layout built the chunks. The names come from
+    `rules(cfg)`, as for the files.
+    """
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    from model.checkpoint import iter_sharded_tensors, model_sharded_state_dict
+
+    from megatron.core.utils import unwrap_model
+
+    chunks = [unwrap_model(c) for c in chunks]   # DDP's wrapper would prefix every key with `module.`
+    by_key = {r.key: r for r in rules(cfg)}
+    mine: dict[tuple, list] = {}   # (key, layer, expert) -> this rank's main-replica shards
+    shapes: dict[str, tuple] = {}  # key -> (shape of one layer's / expert's tensor, dtype)
+    device = next(chunks[0].parameters()).device
+    for sh in iter_sharded_tensors(model_sharded_state_dict(chunks)):
+        if sh.key not in by_key:
+            raise ConfigError(f"no conversion rule for megatron-core tensor {sh.key}")
+        n = sh.prepend_axis_num   # the layer axis, and the expert axis for experts
+        shapes[sh.key] = (tuple(sh.global_shape[n:]), sh.data.dtype)
+        if is_main_replica(sh.replica_id):
+            mine.setdefault((sh.key, *sh.global_offset[:n]), []).append(sh)
+    # Under PP a rank sees only its own layers: every rank learns every key's shape once.
+    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
+    if distributed:
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, shapes, group=group)
+        for s in everyone:
+            shapes.update(s)
+
+    def full(key: str, *index: int) -> torch.Tensor:
+        shape, dtype = shapes[key]
+        out = torch.zeros(shape, dtype=dtype, device=device)
+        for sh in mine.get((key, *index), ()):
+            out[sh.global_slice()[sh.prepend_axis_num:]] = sh.data.detach()
+        if distributed:
+            dist.all_reduce(out, group=group)
+        return out
+
+    with torch.no_grad():
+        for rule in rules(cfg):
+            if rule.scope == "global":
+                yield from zip(_names(rule), rule.from_mcore(cfg, full(rule.key)))
+        for i in range(cfg.num_layers):
+            for rule in rules(cfg):
+                experts = range(cfg.num_experts) if rule.scope == "expert" else [None] if rule.scope == "layer" else []
+                for e in experts:
+                    tensor = full(rule.key, i) if e is None else full(rule.key, i, e)
+                    yield from zip(_names(rule, i, e), rule.from_mcore(cfg, tensor))
+
+
 def read_hf_model(hf_dir: str | Path, par: ParallelConfig) -> tuple[ModelConfig, HFWeights]:
     """Every input check, cheap and in one process: config, layout, tensor names."""
     from model.parallel import validate_layout
@@ -223,8 +283,13 @@ def _copy_aux_files(src: Path, dst: Path) -> None:
 
 
 def mcore_to_hf(ckpt: str | Path, out: str | Path, cfg: ModelConfig | None = None,
-                max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
-    """Write an HF directory from a megatron-core checkpoint, one layer in memory at a time."""
+                max_shard_bytes: int = 5 * 2**30, progress: bool = True,
+                finish: Callable[[Path], None] | None = None) -> Path:
+    """Write an HF directory from a megatron-core checkpoint, one layer in memory at a time.
+
+    It is written as `<out>.tmp` and renamed to `out` when complete; `finish(directory)`,
+    when given, adds the caller's own files (a tokenizer, a generation config) before that
+    rename, so that they appear with the weights or not at all."""
     from tqdm import tqdm
 
     from model.checkpoint import is_checkpoint, load_tensors, read_model_config, tensor_shapes
@@ -266,6 +331,8 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, cfg: ModelConfig | None = Non
     if extra.is_dir():
         for f in extra.iterdir():
             shutil.copy2(f, tmp / f.name)
+    if finish is not None:
+        finish(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

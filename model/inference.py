@@ -38,6 +38,57 @@ def decode_rows(config, rows: int) -> int:
     return padded_width(rows, get_fp8_align_size(config.fp8_recipe))
 
 
+def kv_cache_bytes_per_row(layers: int, query_groups: int, tp: int, kv_channels: int, length: int,
+                           element_size: int) -> int:
+    """Bytes one row of megatron-core's static KV cache takes on one rank: K and V, each
+    [length, query_groups / tp, kv_channels] per attention layer of this pipeline stage, in
+    the activations' dtype (`Attention._allocate_memory`)."""
+    return 2 * layers * (query_groups // tp) * kv_channels * length * element_size
+
+
+# The attributes through which megatron-core modules (and Transformer Engine's linears)
+# keep their own copy of the sequence-parallel setting; megatron-core's inference flips the
+# same ones (megatron.core.transformer.utils.set_model_to_sequence_parallel).
+_SEQUENCE_PARALLEL_FLAGS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextmanager
+def sequence_parallel_off(chunks):
+    """Within it, `chunks` run tensor-parallel without sequence parallelism: every module
+    and every TransformerConfig that holds the flag has it off, and each gets back exactly
+    what it had on exit, also when the body raises.
+
+    Why: a KV-cache decode step feeds one token per row, which cannot be split over TP
+    ranks. TP without SP is the same math (each linear all-reduces instead of gathering
+    and reduce-scattering); MoE layers, whose dispatchers gather the tokens over the
+    expert groups either way, then route every TP rank's (identical) tokens and hand each
+    rank its own back. megatron-core's inference does the same, through a module cache
+    keyed by `id(model)` that holds the modules for good; this walks the modules each time
+    and keeps nothing, so a finished layout's model is not kept alive.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    flipped, seen = [], set()
+    for chunk in chunks:
+        for module in chunk.modules():
+            own = vars(module)   # the module's own attributes, not its submodules or parameters
+            targets = [(module, name) for name in _SEQUENCE_PARALLEL_FLAGS if own.get(name) is True]
+            config = own.get("config")
+            if isinstance(config, TransformerConfig) and config.sequence_parallel:
+                targets.append((config, "sequence_parallel"))
+            for obj, name in targets:
+                if (id(obj), name) not in seen:
+                    seen.add((id(obj), name))
+                    flipped.append((obj, name))
+    try:
+        for obj, name in flipped:
+            setattr(obj, name, False)
+        yield
+    finally:
+        for obj, name in flipped:
+            setattr(obj, name, True)
+
+
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     b, s = tokens.shape
     return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)

@@ -53,7 +53,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from model.checkpoint import (apply_model_state, is_checkpoint, load_model, load_sharded, model_sharded_state_dict,
-                              save_sharded, verify_manifest, write_manifest)
+                              save_sharded, verify_manifest, write_atomic, write_manifest)
 from model.config import ConfigError
 from model.ds_convert import is_deepspeed_checkpoint, load_deepspeed_weights
 
@@ -74,12 +74,6 @@ def is_training_checkpoint(path: Path) -> bool:
 
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(stage_dir: Path) -> list[Path]:

@@ -21,8 +21,9 @@ on the teacher's top k (`distill.loss`).
   response per prompt (prompts in the RL format, in each of `distill.rollout.modes`), the
   frozen teacher computes its top k at every sampled token, and the student minimises the
   divergence there (reverse KL by default). The rollout machinery is the RL stage's
-  (recipes.rl.GRPOTask: prompt cursor, sampling over data-parallel ranks, verifier
-  scores, padding, micro-batches); only the loss and the metrics are this module's.
+  parts (recipes/rl_parts.py: the prompt stream, the sampler over data-parallel ranks
+  with verifier scores, padding and micro-batches), composed here with the teacher, the
+  loss and the metrics, which are this module's.
 
 Teacher and student share the job, the tokenizer and the parallel layout (TP/PP/CP/EP).
 The teacher is built from its own checkpoint's model config, frozen and in eval mode, with
@@ -39,7 +40,6 @@ accuracy once, at the start.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -48,10 +48,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model.config import ConfigError, from_dict
-from model.parallel import padded_width
 from recipes.distill_loss import DistillLoss
-from recipes.grpo import scale_to_minibatch, scaled_loss
-from recipes.rl import GRPOTask, PolicyRollout
+from recipes.generate import stop_ids
+from recipes.grpo import scaled_loss
+from recipes.rl_parts import HeldOutSchedule, MicroBatcher, Policy, PromptStream, RolloutSampler
+from recipes.rollout.megatron_engine import MegatronEngine
 from recipes.schema import RolloutSettings
 from recipes.train import Settings, Task, chat_tokenizer, run
 
@@ -127,13 +128,15 @@ def records_on_disk(files) -> bool:
 def mode_prompts(files, rewards, tokenizer, max_prompt_tokens: int, r: RolloutSettings
                  ) -> tuple[dict[str, list], Counter]:
     """RL-format prompts rendered in each mode ({mode: prompts}) and the skipped rows."""
+    from data_pipeline.chat import prompt_ids
     from data_pipeline.fusion import in_mode
     from data_pipeline.rl_data import read_prompts
-    from recipes.generate import prompt_ids
+    from recipes.rewards import REWARDS, reference_problem
 
     out, skipped = {}, Counter()
     for mode in r.modes:
-        rows, skips = read_prompts(list(files), rewards, tokenizer, max_prompt_tokens, mode == "think")
+        rows, skips = read_prompts(list(files), rewards, tokenizer, max_prompt_tokens, mode == "think",
+                                   known=REWARDS, reference_problem=reference_problem)
         skipped += skips
         out[mode] = []
         for p in rows:
@@ -147,18 +150,32 @@ def mode_prompts(files, rewards, tokenizer, max_prompt_tokens: int, r: RolloutSe
     return out, skipped
 
 
-class DistillTask(GRPOTask):
-    """The distillation stage's batches, loss and metrics (see the module docstring)."""
+class DistillTask:
+    """The distillation stage's batches, loss and metrics (see the module docstring). On
+    policy, the prompts, the student's samples and the micro-batches are the parts of
+    recipes/rl_parts.py (one sample per prompt); off policy, the rows come from
+    `samples` (recipes.data.SampleBatches over the teacher data). The teacher's top k, the
+    loss and the held-out accuracy and KL are this task's."""
 
-    def __init__(self, cfg: DictConfig, s: Settings, engine, r: RolloutSettings, c: DistillLoss, phase: str,
-                 tokenizer, teacher, prompts: list, eval_sets: dict, eval_samples: int, eval_interval: int,
-                 samples=None, score_online: bool = False, eval_temperature: float = 0.0):
-        held = [p for ps in eval_sets.values() for p in ps]
-        super().__init__(cfg, s, engine, r.sampler(), prompts, tokenizer, None, held, eval_samples, eval_interval)
-        self.c, self.phase, self.teacher, self.eval_sets, self.samples = c, phase, teacher, eval_sets, samples
-        self.score_online = score_online   # off-policy rows without top-k records on disk
-        self.eval_temperature = eval_temperature
-        self.teacher_rollout = PolicyRollout(teacher, self.stop, len(tokenizer)) if teacher is not None else None
+    def __init__(self, c: DistillLoss, phase: str, tokenizer, policy: Policy, batcher: MicroBatcher,
+                 sampler: RolloutSampler | None, teacher=None, prompts: list = (), seed: int = 0, *,
+                 eval_sets: dict | None = None, eval_samples: int = 1, eval_interval: int = 0,
+                 eval_temperature: float = 0.0, max_steps: int = 0, samples=None, score_online: bool = False):
+        """`sampler`: the student's, None when the stage samples nothing (off policy
+        without held-out prompts). `samples(consumed)`: off policy, this rank's
+        micro-batches; `score_online`: their teacher records are scored here, not read."""
+        self.c, self.phase, self.tokenizer, self.policy, self.teacher = c, phase, tokenizer, policy, teacher
+        self.batcher, self.sampler, self.dp = batcher, sampler, batcher.dp
+        # the keys distillation checkpoints have always held (entropy_coef is RL's, unused here)
+        self.state = {"prompt_cursor": 0, "entropy_coef": 0.0}
+        self.stream = PromptStream(list(prompts), seed, self.state)
+        self.samples, self.score_online = samples, score_online
+        self.eval_sets, self.eval_samples, self.eval_temperature = eval_sets or {}, eval_samples, eval_temperature
+        held = any(self.eval_sets.values())
+        self.held_out = HeldOutSchedule(self.evaluate if held else None, eval_interval, max_steps,
+                                        batcher.global_batch_size)
+        self.teacher_rollout = MegatronEngine(teacher, stop_ids(tokenizer), len(tokenizer)) if teacher is not None else None
+        self.rollout_metrics: dict = {}
 
     # ------------------------------------------------------------------ teacher
     def _teacher_topk(self, tokens: torch.Tensor, mask: torch.Tensor, k: int | None = None,
@@ -171,7 +188,7 @@ class DistillTask(GRPOTask):
         T = self.c.temperature if temperature is None else temperature
         logp = torch.zeros(*tokens.shape, k)
         ids = torch.zeros(*tokens.shape, k, dtype=torch.int32)
-        mbs = self.s.trainer.micro_batch_size
+        mbs = self.batcher.micro_batch_size
         for start in range(0, len(tokens), mbs):
             sl = slice(start, start + mbs)
 
@@ -186,15 +203,15 @@ class DistillTask(GRPOTask):
 
     # ------------------------------------------------------------------ batches
     def batches(self, consumed: int) -> list[dict]:
+        self.held_out.start(consumed)   # the starting student, once (not again on resume)
         if self.phase == "on_policy":
-            return super().batches(consumed)   # rollouts through _prepare below
-        if consumed == 0 and self.eval_prompts:   # the starting student, once (not again on resume)
-            self.pending_eval = self.evaluate(0)
-        micro = self._trimmed(self.samples(consumed))
+            # both phases: the token mean over the whole global batch
+            return self.batcher.batches(consumed, self._prepare, "token-mean")
+        micro = self.batcher.trim(self.samples(consumed))
         if self.score_online:
             for b in micro:
                 b["teacher_logp"], b["teacher_ids"] = self._teacher_topk(b["tokens"], b["loss_mask"])
-        return scale_to_minibatch(micro, self._global_tokens(micro), self.dp_size)
+        return self.batcher.scale(micro, self._global_tokens(micro))
 
     def _global_tokens(self, micro: list[dict]) -> float:
         """The response tokens of the whole global batch: every DP rank's micro-batches.
@@ -203,36 +220,22 @@ class DistillTask(GRPOTask):
 
         from model.inference import model_device
 
-        total = torch.stack([b["loss_mask"].sum() for b in micro]).sum().to(model_device(self.engine.chunks),
+        total = torch.stack([b["loss_mask"].sum() for b in micro]).sum().to(model_device(self.policy.chunks),
                                                                            torch.float64)
-        dist.all_reduce(total, group=self.dp_group)
+        dist.all_reduce(total, group=self.dp.group)
         return total.item()
-
-    def _trimmed(self, micro: list[dict]) -> list[dict]:
-        """The step's micro-batches cut after the last response token of their longest row:
-        rows are padded to seq_length, and the padding would cost a full vocabulary
-        projection per position. The width stays a multiple of what sequence and context
-        parallelism split."""
-        used = [int(m.nonzero()[:, 1].max()) + 1 for b in micro if (m := b["loss_mask"]).any()]
-        width = min(padded_width(max(used, default=1), self.width_multiple), micro[0]["tokens"].shape[1])
-        return [{k: v[:, :width] for k, v in b.items()} for b in micro]
 
     def _prepare(self, index: int) -> dict:
         """A fresh on-policy batch: the student's samples and the teacher's top k on them."""
-        started = time.perf_counter()
-        r = self._sample_groups(self._next_prompts(self.g.prompts_per_rollout), seed=self.seed + 7919 * index)
-        generated = time.perf_counter() - started
-        t = self._tensors(r)
-        rows = torch.tensor(self._my_rows())
+        r, _ = self.sampler.rollout(self.stream, index)
+        t = self.batcher.tensors(r)
+        rows = torch.tensor(self.batcher.rows())
         t["teacher_logp"] = torch.zeros(*t["tokens"].shape, self.c.top_k)
         t["teacher_ids"] = torch.zeros(*t["tokens"].shape, self.c.top_k, dtype=torch.int32)
         t["teacher_logp"][rows], t["teacher_ids"][rows] = self._teacher_topk(t["tokens"][rows], t["loss_mask"][rows])
-        lengths = torch.tensor([float(len(g.tokens)) for g in r.responses])
-        self.rollout_metrics = {
-            "distill/response_length": lengths.mean().item(), "distill/response_length_max": lengths.max().item(),
-            "distill/accuracy": sum(r.correct) / max(len(r.correct), 1),
-            "distill/truncated_fraction": sum(g.finish == "length" for g in r.responses) / len(r.responses),
-            "distill/reward_errors": float(r.errors), "distill/rollout_time_s": generated}
+        self.rollout_metrics = {**r.response_metrics("distill"),
+                                "distill/accuracy": sum(r.correct) / max(len(r.correct), 1),
+                                "distill/reward_errors": float(r.errors), "distill/rollout_time_s": r.seconds}
         return t
 
     # ------------------------------------------------------------------ loss
@@ -260,12 +263,9 @@ class DistillTask(GRPOTask):
         from model.inference import forward_masked, logprobs_at
         from recipes.distill_loss import divergence
 
-        t = self._tensors(r)
-        rows = list(range(self.dp_rank, len(r.prompts), self.dp_size))
+        t = self.batcher.tensors(r)
         total = torch.zeros(2, dtype=torch.float64)
-        mbs = self.s.trainer.micro_batch_size
-        for start in range(0, len(rows), mbs):
-            idx = torch.tensor(rows[start:start + mbs])
+        for idx in self.batcher.in_micro_batches(list(range(self.dp.rank, len(r.prompts), self.dp.size))):
             tokens, mask = t["tokens"][idx], t["loss_mask"][idx].bool()
             t_logp, t_ids = self._teacher_topk(tokens, mask, temperature=1.0)
 
@@ -273,12 +273,12 @@ class DistillTask(GRPOTask):
                 s_logp = logprobs_at(logits, t_ids[sl].to(m.device)[m], 1.0, len(self.tokenizer))
                 return divergence(t_logp[sl].to(m.device)[m], s_logp, "reverse")
 
-            out = forward_masked(self.engine.chunks, tokens, mask, kl)
+            out = forward_masked(self.policy.chunks, tokens, mask, kl)
             if out is not None:
                 total += torch.tensor([out.sum().item(), float(mask.sum())], dtype=torch.float64)
-        device = next(self.engine.chunks[0].parameters()).device
+        device = next(self.policy.chunks[0].parameters()).device
         total = total.to(device)
-        dist.all_reduce(total, group=self.dp_group)
+        dist.all_reduce(total, group=self.dp.group)
         # only the last pipeline stage scored: a sum over the pipeline group tells every stage
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         return total.cpu()
@@ -287,30 +287,30 @@ class DistillTask(GRPOTask):
         from dataclasses import replace
 
         out, kl = {"distill/eval_step": float(updates)}, torch.zeros(2, dtype=torch.float64)
-        seed, sampling = self.seed + 10 ** 6, replace(self.sampling, temperature=self.eval_temperature)
+        sampling = replace(self.sampler.sampling, temperature=self.eval_temperature)
         for mode, prompts in self.eval_sets.items():
-            r = self._sample_groups(prompts, seed=seed, group_size=self.eval_samples, sampling=sampling)
+            r = self.sampler.held_out(prompts, self.eval_samples, sampling)
             part = self._reverse_kl(r)
             kl += part
             out[f"distill/eval_kl_{mode}"] = (part[0] / part[1].clamp(min=1)).item()
             out[f"distill/eval_accuracy_{mode}"] = sum(r.correct) / len(r.correct)
             out[f"distill/eval_response_length_{mode}"] = sum(len(g.tokens) for g in r.responses) / len(r.responses)
             if updates == 0 and self.teacher_rollout is not None:
-                tr = self._sample_groups(prompts, seed=seed, group_size=self.eval_samples, engine=self.teacher_rollout,
-                                         sampling=sampling)
+                tr = self.sampler.held_out(prompts, self.eval_samples, sampling, engine=self.teacher_rollout)
                 out[f"distill/teacher_eval_accuracy_{mode}"] = sum(tr.correct) / len(tr.correct)
         out["distill/eval_kl"] = (kl[0] / kl[1].clamp(min=1)).item()
         return out
 
     def after_step(self, metrics: dict) -> dict:
-        out = {**self.rollout_metrics, **self.pending_eval}
-        self.pending_eval = {}
-        return {**out, **self.scheduled_eval(metrics)}
+        if self.sampler is not None:
+            self.sampler.weights_changed()   # an optimizer step changed the student
+        return {**self.rollout_metrics, **self.held_out.after_step(metrics)}
 
 
 class Distill:
     name = "distill"
     module = "recipes.distill"
+    post_training = True
 
     def validate(self, cfg: DictConfig, s: Settings) -> None:
         from data_pipeline.distill_data import read_topk_meta
@@ -322,6 +322,10 @@ class Distill:
         c = loss_settings(cfg)
         r = _typed(RolloutSettings, d.get("rollout"), "distill.rollout")
         problems = r.problems(s.trainer.seq_length)
+        from recipes.rollout import launch_problem
+
+        if problem := launch_problem(r.engine(), s.model, s.trainer.backend):
+            problems.append(problem)
         e = d.get("eval") or {}
         files = list((d.get("data") or {}).get("files") or [])
         if not files:
@@ -358,9 +362,10 @@ class Distill:
         if ckpt is not None and (problems := teacher_problems(cfg, s, ckpt)):
             raise ConfigError("; ".join(problems))
         from data_pipeline.rl_data import reward_entries
+        from recipes.rewards import REWARDS
 
         try:
-            reward_entries(OmegaConf.to_container(d.rewards, resolve=True), None, check_references=False)
+            reward_entries(OmegaConf.to_container(d.rewards, resolve=True), None, known=REWARDS)
         except (KeyError, ValueError) as err:
             raise ConfigError(f"distill.rewards: {err}")
 
@@ -426,10 +431,17 @@ class Distill:
                                     parallel_state.get_data_parallel_world_size())
             counts = {"data/responses": float(len(data))}
         counts["data/skipped_rows"] = float(sum(skipped.values()))
-        work = DistillTask(cfg, s, engine, r, c, phase, tokenizer, teacher, prompts, eval_sets,
-                           int(e.get("samples", 1)), int(e.get("interval", 0)), samples,
-                           score_online=phase == "off_policy" and not on_disk,
-                           eval_temperature=float(e.get("temperature", 0.0)))
+        from recipes.rl_parts import DataParallel
+
+        g, dp, seed = r.sampler(), DataParallel.current(), int(cfg.seed)   # the RL sampler, one sample per prompt
+        sampler = None
+        if phase == "on_policy" or any(eval_sets.values()):
+            sampler = RolloutSampler(g, engine, tokenizer, r.engine(), s.model, s.trainer.seq_length, seed, dp)
+        batcher = MicroBatcher.for_policy(g.prompts_per_rollout * g.group_size, s.trainer, engine, dp)
+        work = DistillTask(c, phase, tokenizer, engine, batcher, sampler, teacher, prompts, seed, eval_sets=eval_sets,
+                           eval_samples=int(e.get("samples", 1)), eval_interval=int(e.get("interval", 0)),
+                           eval_temperature=float(e.get("temperature", 0.0)), max_steps=s.trainer.max_steps,
+                           samples=samples, score_online=phase == "off_policy" and not on_disk)
         return Task(batches=work.batches, loss_fn=work.loss, after_step=work.after_step, report_keys=REPORT_KEYS,
                     loss_positions_only=True,
                     state=work.state, summarize=lambda _: counts,

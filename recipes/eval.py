@@ -113,14 +113,14 @@ def _lm_loss(chunks, rows: torch.Tensor) -> float | None:
     return None if logp is None else float(-logp.double().mean())
 
 
-def _answers(chunks, tokenizer, items: list, mode: str, max_new_tokens: int, batch_size: int,
+def _answers(engine, tokenizer, items: list, mode: str, max_new_tokens: int, batch_size: int,
              budget_tokens: int | None = None) -> list[tuple[str, int, int]]:
-    """(response text, response tokens, thinking tokens) per (row, messages) item, greedy,
-    the items shared out over data-parallel ranks. Thinking is Qwen3's default, so
-    think-mode prompts carry no flag; no_think ones end with /no_think."""
+    """(response text, response tokens, thinking tokens) per (row, messages) item, greedy
+    from the rollout `engine`, the items shared out over data-parallel ranks. Thinking is
+    Qwen3's default, so think-mode prompts carry no flag; no_think ones end with /no_think."""
+    from data_pipeline.chat import prompt_ids
     from data_pipeline.fusion import in_mode
-    from recipes.generate import (data_parallel_share, generate, prompt_ids, response_text, stop_ids,
-                                  thinking_budget)
+    from recipes.generate import Sampling, data_parallel_share, response_text, stop_ids, thinking_budget
 
     stop = stop_ids(tokenizer)
     budget = thinking_budget(tokenizer, budget_tokens)
@@ -131,7 +131,7 @@ def _answers(chunks, tokenizer, items: list, mode: str, max_new_tokens: int, bat
         part = [items[i] for i in mine[start:start + batch_size]]
         prompts = [prompt_ids(tokenizer, in_mode(messages, mode, mode == "no_think"), enable_thinking=True)
                    for _, messages in part]
-        gens = generate(chunks, prompts, max_new_tokens, stop, budget=budget, vocab_limit=len(tokenizer))
+        gens = engine.generate(prompts, max_new_tokens, Sampling(), budget)
         out += [(response_text(tokenizer, g, stop), len(g.tokens), _thinking_tokens(tokenizer, g)) for g in gens]
     shares = gather(out)
     return [shares[i % ways][i // ways] for i in range(len(items))]
@@ -151,10 +151,17 @@ def _thinking_tokens(tokenizer, g) -> int:
 def evaluate(chunks, tokenizer, *, lm_texts: list[str] | None = None, lm_seq_length: int = 256,
              lm_max_rows: int = 16, problems: list | None = None, modes: tuple = ("think", "no_think"),
              max_new_tokens: int = 64, batch_size: int = 32, thinking_budgets: list | None = None,
-             progress=None) -> dict:
+             progress=None, engine=None) -> dict:
     """The metrics of the module docstring for loaded model chunks; collective over the
-    model-parallel group. `problems` are (row, messages) pairs with row["reference"]."""
+    model-parallel group. `problems` are (row, messages) pairs with row["reference"].
+    Answers come from the rollout `engine` (recipes/rollout) holding these weights, by
+    default the built-in one on `chunks`; the expert load of the answers is counted only
+    there (another engine's forwards are not the chunks')."""
+    from recipes.generate import stop_ids
     from recipes.rewards.math import math_reward
+    from recipes.rollout.megatron_engine import MegatronEngine
+
+    engine = engine or MegatronEngine(chunks, stop_ids(tokenizer), len(tokenizer))
 
     metrics: dict = {}
     if lm_texts:
@@ -170,7 +177,7 @@ def evaluate(chunks, tokenizer, *, lm_texts: list[str] | None = None, lm_seq_len
             progress("lm loss")
     for mode in (modes if problems else ()):
         experts = ExpertCounts(chunks)
-        answers = _answers(chunks, tokenizer, problems, mode, max_new_tokens, batch_size)
+        answers = _answers(engine, tokenizer, problems, mode, max_new_tokens, batch_size)
         ratio = experts.worst_ratio()
         if ratio is not None:
             metrics[f"expert_load_max_over_mean_{mode}"] = ratio
@@ -182,7 +189,7 @@ def evaluate(chunks, tokenizer, *, lm_texts: list[str] | None = None, lm_seq_len
             progress(mode)
     curve = []
     for budget in (thinking_budgets or []) if problems else []:
-        answers = _answers(chunks, tokenizer, problems, "think", max_new_tokens, batch_size, budget)
+        answers = _answers(engine, tokenizer, problems, "think", max_new_tokens, batch_size, budget)
         curve.append({"budget": budget,
                       "accuracy": sum(math_reward(text, row["reference"])
                                       for (row, _), (text, _, _) in zip(problems, answers)) / len(problems),
@@ -250,10 +257,11 @@ def run_cli(cfg) -> int:
     from omegaconf import OmegaConf
 
     from data_pipeline.tokenizer import load_tokenizer
-    from model.checkpoint import load_for_inference, read_model_config
+    from model.checkpoint import load_for_inference, read_model_config, write_atomic
     from model.config import ParallelConfig, from_dict
     from model.parallel import destroy_distributed, init_distributed, minimum_world_size, validate_layout
-    from recipes.checkpointing import fingerprint, resolve_init_from, write_atomic
+    from recipes.checkpointing import fingerprint, resolve_init_from
+    from recipes.rollout import launch_problem, make_engine, settings_from
 
     try:
         opts = _settings(cfg)
@@ -263,6 +271,9 @@ def run_cli(cfg) -> int:
         nprocs = minimum_world_size(par)
         validate_layout(model_cfg, par, int(os.environ.get("WORLD_SIZE", nprocs)))
         tokenizer = load_tokenizer(cfg.tokenizer)
+        rollout = settings_from({"backend": cfg.backend, "vllm": cfg.vllm}, "eval")
+        if problem := launch_problem(rollout, model_cfg):
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -284,10 +295,17 @@ def run_cli(cfg) -> int:
         if rank0 and cfg.progress:
             print(f"eval {ckpt}: {what} done", file=sys.stderr, flush=True)
 
+    engine = None
+    if rollout.backend != "megatron":
+        from data_pipeline.chat import prompt_ids
+
+        # the longest prompt (a no_think one carries a few more tokens) and its answer
+        longest = max((len(prompt_ids(tokenizer, m)) for _, m in opts["problems"] or ()), default=0)
+        engine = make_engine(rollout, chunks, model_cfg, tokenizer, longest + 16 + int(cfg.max_new_tokens), 0)
     metrics = evaluate(chunks, tokenizer, lm_texts=opts["texts"], lm_seq_length=int(cfg.lm_seq_length),
                        lm_max_rows=int(cfg.lm_rows), problems=opts["problems"], modes=tuple(opts["modes"]),
                        max_new_tokens=int(cfg.max_new_tokens), batch_size=int(cfg.batch_size),
-                       thinking_budgets=opts["budgets"], progress=progress)
+                       thinking_budgets=opts["budgets"], progress=progress, engine=engine)
     if rank0:
         result = {"checkpoint": str(ckpt.resolve()), "fingerprint": fingerprint(ckpt), "metrics": metrics,
                   "skipped_rows": skipped}

@@ -5,9 +5,11 @@
 
 `generate()` is the helper that RL, distillation and evaluation call; this module's CLI
 runs it over a prompt file. It decodes with megatron-core's static KV cache where
-`kv_cache_usable` allows (one chunk, PP=1, CP=1, no SP; under FP8 the decode rows are padded
-to the FP8 multiple), by recomputing the whole prefix otherwise, and returns every sampled
-token's log-prob.
+`kv_cache_usable` allows (one model chunk per rank and CP=1: any TP, with sequence
+parallelism off for the decode, any PP, EP; under FP8 the decode rows are padded to the
+FP8 multiple), in chunks of rows whose cache fits a memory budget, by recomputing the whole
+prefix otherwise (VPP, CP), with expert-parallel ranks in lockstep, and returns every
+sampled token's log-prob.
 
 Thinking budget (Qwen3 report section 4.3): once a response has produced N tokens after
 `<think>` without closing it, the report's instruction "Considering the limited time by
@@ -26,6 +28,7 @@ would have. Teacher data for strong-to-weak distillation (recipes.distill):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -89,8 +92,11 @@ def stop_ids(tokenizer) -> list[int]:
     return tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
 
 
-def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next ids, their log-probs) from [n, vocab] float32 logits."""
+def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,
+          uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next ids, their log-probs) from [n, vocab] float32 logits. Sampling draws one
+    uniform per row: `uniforms` [n, 1] float64 when given (`_row_uniforms`), else from
+    `generator`."""
     if s.temperature == 0:
         ids = logits.argmax(-1)
         return ids, torch.log_softmax(logits, -1).gather(-1, ids[:, None])[:, 0]
@@ -108,25 +114,35 @@ def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> tupl
             outside = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
             keep &= ~torch.zeros_like(outside).scatter(-1, order, outside)
         probs = torch.where(keep, probs, 0.0)
-    ids = _inverse_cdf(probs, generator)
+    if uniforms is None:
+        uniforms = torch.rand(len(probs), 1, generator=generator, dtype=torch.float64)
+    ids = _inverse_cdf(probs, uniforms)
     return ids, logp.gather(-1, ids[:, None])[:, 0]
 
 
-def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of [n, vocab] unnormalised `probs`, on their device. One uniform per
-    row against the running sum: torch.multinomial (and Gumbel-max) draw a random number
-    per vocabulary entry, which at 151,936 entries made CPU sampling several times slower
-    than the model's whole decode step. The uniforms come from the CPU `generator`, so a
-    seed gives the same draws on any device."""
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row of [n, vocab] unnormalised `probs`, on their device, from one
+    uniform per row (`uniforms` [n, 1] float64, on the CPU) against the running sum:
+    torch.multinomial (and Gumbel-max) draw a random number per vocabulary entry, which at
+    151,936 entries made CPU sampling several times slower than the model's whole decode
+    step. The uniforms come from CPU generators, so a seed gives the same draws on any
+    device."""
     cdf = probs.float().cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, dtype=torch.float64).to(cdf.device)
-    u = (u * cdf[:, -1:].double()).float()
+    u = (uniforms.to(cdf.device) * cdf[:, -1:].double()).float()
     # right=True: the first entry whose running sum exceeds u, which always has mass
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
+def _row_uniforms(seed: int, position: int, rows: slice, batch: int) -> torch.Tensor:
+    """The sampling uniforms [rows, 1] of the tokens at `position` for `rows` of a
+    generate() call of `batch` prompts: a function of (seed, position, row) alone, so a
+    row draws the same numbers whichever chunk decodes it and whatever else is in it."""
+    generator = torch.Generator().manual_seed((seed * 2_147_483_647 + position) % 2**64)
+    return torch.rand(batch, 1, generator=generator, dtype=torch.float64)[rows]
+
+
 class _Recompute:
-    """Next-token logits by running the whole prefix again (any TP/PP/EP layout)."""
+    """Next-token logits by running the whole prefix again (any TP/PP/VPP/CP/EP layout)."""
 
     def __init__(self, chunks):
         self.chunks = chunks
@@ -146,8 +162,11 @@ class _Recompute:
 
 class _Cached:
     """Next-token logits with megatron-core's static KV cache: the prompt prefix once, then
-    one token per step. Needs one pipeline stage and no sequence parallelism (a single
-    decoded token cannot be split over TP ranks)."""
+    one token per step. One model chunk per rank (no VPP) and CP=1; at PP > 1 each stage
+    keeps the cache of its own layers and hands its hidden states [tokens, rows, hidden] to
+    the next stage with a plain send/recv on the pipeline group (`_stage_forward`). The
+    caller runs it inside `model.inference.sequence_parallel_off`: a decode step's single
+    token per row cannot be split over TP ranks."""
 
     def __init__(self, chunks, batch: int, max_length: int):
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -157,153 +176,377 @@ class _Cached:
         self.context = StaticInferenceContext(batch, max_length)
         self.done = 0   # positions already in the cache
 
-    def __call__(self, tokens: torch.Tensor, cur: int) -> torch.Tensor:
-        from model.inference import model_device
-
-        chunk = tokens[:, self.done:cur].to(model_device([self.model]))
+    def __call__(self, tokens: torch.Tensor, cur: int) -> torch.Tensor | None:
+        chunk = tokens[:, self.done:cur]
         positions = torch.arange(self.done, cur, device=chunk.device).expand_as(chunk)
         if self.done:
             self.context.enable_decode_mode()
-        logits = self.model(chunk, positions, None, inference_context=self.context, runtime_gather_output=True)
+        logits = _stage_forward(self.model, chunk, positions, self.context)
         self.context.sequence_len_offset = self.done = cur
-        return logits[:, -1]
+        return None if logits is None else logits[:, -1]
+
+
+def _stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> torch.Tensor | None:
+    """This pipeline stage's forward of `tokens` [rows, n] with the inference `context`:
+    hidden states from the previous stage in, to the next stage out. Logits [rows, 1 (the
+    context materialises the last position only), vocab] on the last stage, None on the
+    others. Blocking send/recv in stage order cannot deadlock: a stage only waits for the
+    one before it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp > 1 and not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        config = get_model_config(model)
+        hidden = torch.empty(tokens.shape[1], tokens.shape[0], config.hidden_size,
+                             dtype=config.pipeline_dtype, device=tokens.device)
+        dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank(),
+                  group=parallel_state.get_pipeline_model_parallel_group())
+        get_attr_wrapped_model(model, "set_input_tensor")(hidden)
+    out = model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+    if pp > 1 and not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank(),
+                  group=parallel_state.get_pipeline_model_parallel_group())
+        return None
+    return out
+
+
+def _idle_forward(chunks) -> None:
+    """A forward of one dummy token through every stage, through megatron-core's schedule
+    (`forward_only`, any layout), for a rank whose rows are done while ranks it exchanges
+    MoE tokens with still decode: each forward is one round of the expert all-to-alls.
+    The interleaved (VPP) schedule needs at least pp micro-batches, so it gets pp rows."""
+    from megatron.core import parallel_state
+
+    from model.inference import forward_only
+
+    rows = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
+    forward_only(chunks, torch.zeros(rows, 1, dtype=torch.long), None, lambda logits: None,
+                 mask=torch.ones(rows, 1, dtype=torch.bool))
 
 
 def kv_cache_usable(chunks) -> bool:
+    """Whether `generate` can decode these chunks with megatron-core's static KV cache: one
+    chunk per rank (the interleaved schedule's virtual stages are not served) and no
+    context parallelism (the static cache holds whole sequences). PP, TP, sequence
+    parallelism (turned off for the decode) and EP are served."""
     from megatron.core import parallel_state
 
-    config = chunks[0].config
-    # megatron-core's static KV cache holds whole sequences: context parallelism, which
-    # splits them over ranks, recomputes the prefix instead
-    return (len(chunks) == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1
-            and parallel_state.get_context_parallel_world_size() == 1
-            and not (config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1))
+    return len(chunks) == 1 and parallel_state.get_context_parallel_world_size() == 1
+
+
+# Share of the free accelerator (or host) memory one chunk's KV cache and per-token
+# records may take when `max_cache_bytes` is not given. The rest is left to what else
+# grows with the chunk: the prefill's activations, vocabulary-sized logits and sampling
+# tensors per row, and the caller's own allocations.
+CACHE_MEMORY_FRACTION = 0.5
+
+
+def decode_row_bytes(chunks, length: int, top_k_logprobs: int = 0) -> int:
+    """Bytes one row of a cached decode of `length` positions holds on this rank: its
+    static KV cache (`model.inference.kv_cache_bytes_per_row` for this stage's layers) and
+    `generate`'s per-token records (id, log-prob, forced flag, and the top-k ids and
+    log-probs)."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+    from model.inference import kv_cache_bytes_per_row
+
+    config = get_model_config(chunks[0])
+    layers = len(get_attr_wrapped_model(chunks[0], "decoder").layers)
+    kv = kv_cache_bytes_per_row(layers, config.num_query_groups, parallel_state.get_tensor_model_parallel_world_size(),
+                                config.kv_channels, length, config.params_dtype.itemsize)
+    return kv + length * (8 + 4 + 1 + top_k_logprobs * (8 + 4))
+
+
+def chunk_rows(row_bytes: int, budget: int, multiple: int = 1) -> int:
+    """Rows per chunk whose decode state fits `budget` bytes at `row_bytes` a row, rounded
+    down to `multiple` (FP8's row multiple, `model.inference.decode_rows`: a chunk is padded
+    to it, so a smaller one would hold as much cache for fewer prompts). At least one
+    (padded) chunk's worth: it always runs, and one that does not fit fails on its
+    allocation."""
+    rows = budget // row_bytes
+    return max(multiple, rows - rows % multiple)
+
+
+def decode_budget(device: torch.device) -> int:
+    """`CACHE_MEMORY_FRACTION` of the memory free for a decode on `device`: on a GPU what
+    the driver has free plus what PyTorch's allocator holds unused; on the CPU the host's
+    available memory."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free = torch.cuda.mem_get_info(device)[0] + unused
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * CACHE_MEMORY_FRACTION)
+
+
+def lockstep_group(chunks):
+    """The process group whose ranks must make the same number of model forwards, or None
+    when only this rank's model-parallel group (which shares its prompts, and so its
+    schedule) takes part in its collectives.
+
+    The MoE token all-to-alls and gathers run over megatron-core's expert groups (EP and
+    expert TP, `get_expert_tensor_and_model_parallel_group`). When those reach ranks of
+    other data-parallel replicas, which decode other prompts (EP=8 at TP=4, CP=1: each
+    expert group spans two replicas), every one of those ranks must run each forward: the
+    group is `get_expert_tensor_model_pipeline_parallel_group` (the expert groups of every
+    pipeline stage; megatron-core builds dense and expert layouts on the same pipeline
+    groups, so it holds whole model-parallel groups). Should a layout's model-parallel
+    group not lie inside it, the whole world steps together."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_model_config
+
+    if not dist.is_initialized() or dist.get_world_size() == 1 or get_model_config(chunks[0]).num_moe_experts is None:
+        return None
+    replica = set(dist.get_process_group_ranks(parallel_state.get_model_parallel_group()))
+    if parallel_state.get_context_parallel_world_size() > 1:
+        replica |= set(dist.get_process_group_ranks(parallel_state.get_context_parallel_group()))
+    experts = set(dist.get_process_group_ranks(parallel_state.get_expert_tensor_and_model_parallel_group()))
+    if experts <= replica:
+        return None
+    group = parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+    return group if replica <= set(dist.get_process_group_ranks(group)) else dist.group.WORLD
+
+
+def _all_reduce(values: list[int], op, group, device) -> list[int]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()
 
 
 @torch.no_grad()
 def generate(chunks, prompts: list[list[int]], max_new_tokens: int, stop: list[int],
              sampling: Sampling | None = None, budget: ThinkingBudget | None = None,
              vocab_limit: int | None = None, use_cache: bool = True, top_k_logprobs: int = 0,
-             logprob_temperature: float = 1.0) -> list[Generation]:
-    """Continue every prompt; collective over the model-parallel group (same args everywhere).
+             logprob_temperature: float = 1.0, max_cache_bytes: int | None = None) -> list[Generation]:
+    """Continue every prompt; collective over the model-parallel group (same args
+    everywhere), and under expert parallelism that spans data-parallel ranks over the
+    ranks the MoE all-to-alls reach (`lockstep_group`), which may pass different prompts,
+    or none.
 
     With `top_k_logprobs` k, every generated token also records the k most likely ids of
     softmax(logits / logprob_temperature) at its position and their log-probs (a
-    teacher's output for distillation, recipes.distill). Decoding starts at the shortest prompt's end; rows with longer prompts take their own
-    prompt tokens until theirs ends (one batch, one KV cache). `vocab_limit` masks the
-    model's padded vocabulary beyond the tokenizer's. `use_cache=False`, or a layout the
-    cache does not serve (PP, TP with sequence parallelism, or CP), recomputes the prefix.
-    Under FP8 the cached batch runs with idle rows up to FP8's row multiple
-    (`model.inference.decode_rows`); the results are those of the prompts alone.
+    teacher's output for distillation, recipes.distill). `vocab_limit` masks the model's
+    padded vocabulary beyond the tokenizer's.
+
+    KV cache: megatron-core's static inference context (`_Cached`) wherever
+    `kv_cache_usable` holds: any TP (sequence parallelism turned off for the decode,
+    `model.inference.sequence_parallel_off`), PP (each stage caches its own layers and
+    hands hidden states on), EP. VPP and CP, and `use_cache=False`, recompute the whole
+    prefix each token. Rows decode in chunks whose decode state (`decode_row_bytes`: the KV
+    cache of prompt + max_new_tokens positions and the per-token records) fits
+    `max_cache_bytes`, by default `CACHE_MEMORY_FRACTION` of the free memory; every rank of
+    the model-parallel group takes the smallest rank's chunk size. Why chunks, not
+    megatron-core's paged dynamic context: in 0.16.1 its attention asserts flash-attn
+    >= 2.7.3 and it allocates on the CUDA device, so it cannot run on the CPU path.
+    Recomputing needs no cache and decodes all rows as one chunk. Under FP8 the cached
+    batch runs with idle rows up to FP8's row multiple (`model.inference.decode_rows`); the
+    results are those of the prompts alone.
+
+    Each chunk starts decoding at its shortest prompt's end; rows with longer prompts take
+    their own prompt tokens until theirs ends. A row's results do not depend on the chunk
+    it is in: greedy decoding gives the same tokens, and sampling draws each row's
+    uniforms from (seed, position, row) (`_row_uniforms`), so a seed gives the same
+    samples at any chunk size.
+
+    The decode state (tokens, log-probs, forced flags, thinking counters, stop and length
+    flags) stays in tensors on the model's device and is updated for all rows at once; a
+    step's one transfer to the host is whether rows still run (reduced over
+    `lockstep_group`, where ranks whose rows are done run idle forwards, `_idle_forward`,
+    until every rank's are); each chunk's records come back once at its end.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.utils import get_model_config
 
-    from model.inference import decode_rows, model_device
+    from model.inference import decode_rows, model_device, sequence_parallel_off
 
     s = (sampling or Sampling()).check()
-    generator = torch.Generator().manual_seed(s.seed)
     device = model_device(chunks)
-    lengths = [len(p) for p in prompts]
-    if min(lengths) < 1:
+    config = get_model_config(chunks[0])
+    if any(len(p) < 1 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    total = max(lengths) + max_new_tokens
     cached = use_cache and kv_cache_usable(chunks)
-    # FP8 decode: idle rows (token 0, never sampled) up to the GEMMs' row multiple
-    rows = decode_rows(chunks[0].config, len(prompts)) if cached else len(prompts)
-    tokens = torch.zeros(rows, total, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-    step = _Cached(chunks, rows, total) if cached else _Recompute(chunks)
-    out = [Generation() for _ in prompts]
-    finished = [False] * len(prompts)
-    # per row: tokens since an open <think> (None: not thinking), forced tokens to insert
-    thinking: list[int | None] = [None] * len(prompts)
-    queued: list[list[int]] = [[] for _ in prompts]
-
-    def spend_budget(i: int) -> None:
-        if budget is not None and thinking[i] is not None and thinking[i] >= budget.tokens:
-            queued[i], thinking[i] = list(budget.stop_phrase), None
-            out[i].budget_stopped = True
-
-    if budget is not None:
-        for i, p in enumerate(prompts):
-            opened = [j for j, t in enumerate(p) if t == budget.think_open]
-            if opened and budget.think_close not in p[opened[-1]:]:
-                thinking[i] = len(p) - 1 - opened[-1]   # a prompt that prefills "<think>\n"
-                spend_budget(i)
-
-    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    for cur in range(min(lengths), total):
-        if all(finished):
-            break
-        logits = step(tokens, cur)
-        picked = torch.zeros(2, len(prompts), dtype=torch.float64, device=device)
-        tops = torch.zeros(2, len(prompts), top_k_logprobs, dtype=torch.float64, device=device)
-        if last_stage:
-            last = logits[:len(prompts)].float()   # the idle rows' logits are dropped before sampling
-            if vocab_limit is not None:
-                last[:, vocab_limit:] = -float("inf")
-            ids, logp = _pick(last, s, generator)
-            for i in range(len(prompts)):
-                if queued[i] and cur >= lengths[i]:   # forced: its log-prob under the model
-                    ids[i] = queued[i][0]
-                    logp[i] = torch.log_softmax(last[i], -1)[queued[i][0]]
-            picked = torch.stack([ids.double(), logp.double()]).to(device)
-            if top_k_logprobs:
-                values, top = torch.log_softmax(last / logprob_temperature, -1).topk(top_k_logprobs, -1)
-                tops = torch.stack([top.double(), values.double()]).to(device)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            for x in (picked, tops) if top_k_logprobs else (picked,):
-                dist.broadcast(x, parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=parallel_state.get_pipeline_model_parallel_group())
-        for i, g in enumerate(out):
-            if cur < lengths[i] or finished[i]:
-                continue   # still reading its prompt, or done
-            token, forced = int(picked[0, i]), bool(queued[i])
-            if forced:
-                queued[i].pop(0)
-            tokens[i, cur] = token
-            g.tokens.append(token)
-            g.logprobs.append(float(picked[1, i]))
-            g.forced.append(forced)
-            if top_k_logprobs:
-                g.top_ids.append(tops[0, i].long().cpu())
-                g.top_logprobs.append(tops[1, i].float().cpu())
-            if budget is not None and not forced:
-                if token == budget.think_close:
-                    thinking[i] = None
-                elif thinking[i] is not None:
-                    thinking[i] += 1
-                elif token == budget.think_open:
-                    thinking[i] = 0
-                spend_budget(i)
-            if token in stop and not forced:
-                g.finish, finished[i] = "stop", True
-            elif len(g.tokens) >= max_new_tokens:
-                finished[i] = True
+    lockstep = lockstep_group(chunks)
+    if cached:
+        total = max((len(p) for p in prompts), default=1) + max_new_tokens
+        budget_bytes = decode_budget(device) if max_cache_bytes is None else max_cache_bytes
+        rows = chunk_rows(decode_row_bytes(chunks, total, top_k_logprobs), budget_bytes, decode_rows(config, 1))
+        # the cache's rows are in every TP collective and every pipeline send: one size on
+        # all ranks of the model-parallel group, whose free memory differs
+        rows = _all_reduce([rows], dist.ReduceOp.MIN, parallel_state.get_model_parallel_group(), device)[0]
+    else:
+        rows = max(1, len(prompts))
+    count = -(-len(prompts) // rows)
+    if lockstep is not None:   # a rank with fewer prompts decodes as many (idle) chunks
+        count = _all_reduce([count], dist.ReduceOp.MAX, lockstep, device)[0]
+    size = -(-len(prompts) // count) if count else 0   # balanced chunks of at most `rows`
+    decoder = _Decoder(chunks, s, budget, stop, vocab_limit, top_k_logprobs, logprob_temperature,
+                       max_new_tokens, cached, lockstep, len(prompts), device)
+    out = []
+    with sequence_parallel_off(chunks) if cached else contextlib.nullcontext():
+        for c in range(count):
+            out += decoder.run(prompts[c * size:(c + 1) * size], c * size)
     return out
 
 
+class _Decoder:
+    """One chunk of `generate` at a time (see its docstring); the settings it was called with."""
+
+    def __init__(self, chunks, s: Sampling, budget: ThinkingBudget | None, stop: list[int], vocab_limit,
+                 top_k: int, logprob_temperature: float, max_new_tokens: int, cached: bool, lockstep,
+                 batch: int, device):
+        from megatron.core import parallel_state
+        from megatron.core.utils import get_model_config
+
+        self.chunks, self.s, self.budget, self.vocab_limit = chunks, s, budget, vocab_limit
+        self.top_k, self.logprob_temperature, self.max_new_tokens = top_k, logprob_temperature, max_new_tokens
+        self.cached, self.lockstep, self.batch, self.device = cached, lockstep, batch, device
+        self.config = get_model_config(chunks[0])
+        self.stop = torch.tensor(stop, dtype=torch.long, device=device)
+        self.phrase = torch.tensor(budget.stop_phrase if budget else [], dtype=torch.long, device=device)
+        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+
+    def _flags(self, running: torch.Tensor) -> tuple[bool, bool]:
+        """(this rank's rows still run, any rank's that steps with it do): one transfer."""
+        import torch.distributed as dist
+
+        anywhere = running.clone()
+        if self.lockstep is not None:
+            dist.all_reduce(anywhere, op=dist.ReduceOp.MAX, group=self.lockstep)
+        local, anywhere = torch.stack([running, anywhere]).tolist()
+        return bool(local), bool(anywhere)
+
+    def run(self, prompts: list[list[int]], first: int) -> list[Generation]:
+        """Decode `prompts`, rows `first`... of the generate() call (their sampling uniforms);
+        none: only idle forwards while the lockstep group's other ranks decode."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from model.inference import decode_rows
+
+        n, dev, budget = len(prompts), self.device, self.budget
+        if n == 0:
+            local, anywhere = self._flags(torch.zeros((), dtype=torch.long, device=dev))
+            while anywhere:
+                _idle_forward(self.chunks)
+                local, anywhere = self._flags(torch.zeros((), dtype=torch.long, device=dev))
+            return []
+        lengths_list = [len(p) for p in prompts]
+        total = max(lengths_list) + self.max_new_tokens
+        # FP8 decode: idle rows (token 0, never sampled) up to the GEMMs' row multiple
+        rows = decode_rows(self.config, n) if self.cached else n
+        host = torch.zeros(rows, total, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            host[i, :len(p)] = torch.tensor(p)
+        tokens = host.to(dev)
+        lengths = torch.tensor(lengths_list, device=dev)
+        step = _Cached(self.chunks, rows, total) if self.cached else _Recompute(self.chunks)
+        logprobs = torch.zeros(n, total, dtype=torch.float32, device=dev)
+        forced_at = torch.zeros(n, total, dtype=torch.bool, device=dev)
+        tops = (torch.zeros(n, total, self.top_k, dtype=torch.long, device=dev),
+                torch.zeros(n, total, self.top_k, dtype=torch.float32, device=dev)) if self.top_k else None
+        generated = torch.zeros(n, dtype=torch.long, device=dev)
+        finished = torch.full((n,), self.max_new_tokens < 1, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(n, dtype=torch.bool, device=dev)   # ended on a stop token
+        # per row: tokens since an open <think> (-1: not thinking); the next stop-phrase
+        # token to force (-1: none); whether the budget ran out
+        thinking = [-1] * n
+        forcing = [-1] * n
+        budget_stopped = [False] * n
+        phrase_start = 0 if len(self.phrase) else -1   # where a spent budget starts forcing
+        if budget is not None:
+            for i, p in enumerate(prompts):
+                opened = [j for j, t in enumerate(p) if t == budget.think_open]
+                if opened and budget.think_close not in p[opened[-1]:]:
+                    thinking[i] = len(p) - 1 - opened[-1]   # a prompt that prefills "<think>\n"
+                    if thinking[i] >= budget.tokens:
+                        thinking[i], forcing[i], budget_stopped[i] = -1, phrase_start, True
+        thinking = torch.tensor(thinking, device=dev)
+        forcing = torch.tensor(forcing, device=dev)
+        budget_stopped = torch.tensor(budget_stopped, device=dev)
+
+        cur = min(lengths_list)
+        local, anywhere = self._flags((~finished).any().long())
+        while anywhere:
+            if not local:
+                _idle_forward(self.chunks)
+                local, anywhere = self._flags(torch.zeros((), dtype=torch.long, device=dev))
+                continue
+            logits = step(tokens, cur)
+            took = ~finished & (cur >= lengths)        # rows that take a generated token at cur
+            forced = took & (forcing >= 0)
+            picked = torch.zeros(2, n, dtype=torch.float64, device=dev)
+            top = torch.zeros(2, n, self.top_k, dtype=torch.float64, device=dev)
+            if self.last_stage:
+                last = logits[:n].float()   # the idle rows' logits are dropped before sampling
+                if self.vocab_limit is not None:
+                    last[:, self.vocab_limit:] = -float("inf")
+                uniforms = None if self.s.temperature == 0 else _row_uniforms(
+                    self.s.seed, cur, slice(first, first + n), self.batch)
+                ids, logp = _pick(last, self.s, uniforms=uniforms)
+                if budget is not None and len(self.phrase):   # forced: its log-prob under the model
+                    want = self.phrase[forcing.clamp(min=0)]
+                    ids = torch.where(forced, want, ids)
+                    logp = torch.where(forced, last.gather(-1, want[:, None])[:, 0] - last.logsumexp(-1), logp)
+                picked = torch.stack([ids.double(), logp.double()])
+                if self.top_k:
+                    values, index = torch.log_softmax(last / self.logprob_temperature, -1).topk(self.top_k, -1)
+                    top = torch.stack([index.double(), values.double()])
+            if self.pp > 1:
+                for x in (picked, top) if self.top_k else (picked,):
+                    dist.broadcast(x, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+            ids = picked[0].long()
+            tokens[:n, cur] = torch.where(took, ids, tokens[:n, cur])
+            logprobs[:, cur] = picked[1].float()
+            forced_at[:, cur] = forced
+            if self.top_k:
+                tops[0][:, cur], tops[1][:, cur] = top[0].long(), top[1].float()
+            generated += took.long()
+            sampled = took & ~forced
+            if budget is not None:
+                close = sampled & (ids == budget.think_close)
+                grow = sampled & ~close & (thinking >= 0)
+                opens = sampled & ~close & (thinking < 0) & (ids == budget.think_open)
+                thinking = torch.where(close, -1, torch.where(grow, thinking + 1, torch.where(opens, 0, thinking)))
+                forcing = torch.where(forced, forcing + 1, forcing)
+                forcing = torch.where(forcing >= len(self.phrase), -1, forcing)
+                spent = sampled & (thinking >= budget.tokens)
+                forcing = torch.where(spent, phrase_start, forcing)
+                thinking = torch.where(spent, -1, thinking)
+                budget_stopped |= spent
+            hit = sampled & torch.isin(ids, self.stop)
+            stopped |= hit
+            finished |= hit | (took & (generated >= self.max_new_tokens))
+            cur += 1
+            local, anywhere = self._flags((~finished).any().long())
+
+        # the chunk's records, back to the host once
+        ends, stopped, budget_stopped = torch.stack([lengths + generated, stopped.long(),
+                                                     budget_stopped.long()]).tolist()
+        tokens, logprobs, forced_at = tokens[:n].tolist(), logprobs.tolist(), forced_at.tolist()
+        tops = None if tops is None else (tops[0].cpu(), tops[1].cpu())
+        out = []
+        for i, (start, end) in enumerate(zip(lengths_list, ends)):
+            g = Generation(tokens=tokens[i][start:end], logprobs=logprobs[i][start:end], forced=forced_at[i][start:end],
+                           finish="stop" if stopped[i] else "length", budget_stopped=bool(budget_stopped[i]))
+            if tops is not None:
+                g.top_ids = list(tops[0][i, start:end].clone().unbind(0))
+                g.top_logprobs = list(tops[1][i, start:end].clone().unbind(0))
+            out.append(g)
+        return out
+
+
 # ----------------------------------------------------------------------------- CLI
-
-def prompt_messages(row: dict) -> list[dict]:
-    if isinstance(row.get("messages"), list):
-        msgs = row["messages"]
-        # a training conversation: prompt with everything before its final assistant turn
-        return msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs
-    if isinstance(row.get("prompt"), str):
-        return [{"role": "user", "content": row["prompt"]}]
-    raise ValueError("row has neither 'messages' nor 'prompt'")
-
-
-def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = True) -> list[int]:
-    """The prompt's tokens in the Qwen3 chat format, ending in the generation prompt."""
-    from data_pipeline.chat import render
-
-    return tokenizer.encode(render(messages, add_generation_prompt=True, enable_thinking=enable_thinking).text,
-                            add_special_tokens=False)
-
 
 def response_text(tokenizer, generation: Generation, stop: list[int]) -> str:
     """The generated assistant turn as text, without its stop token."""
@@ -369,15 +612,20 @@ def _settings(cfg) -> dict:
     if not src.is_file():
         raise ConfigError(f"input={src} does not exist")
     sampling = from_dict(Sampling, OmegaConf.to_container(cfg.sampling, resolve=True), "sampling").check()
+    from recipes.rollout import settings_from
+
+    rollout = settings_from({"backend": cfg.get("backend"), "vllm": cfg.get("vllm")}, "generate")
     return {"modes": modes or [None], "top_k": k, "temperature": temperature, "sampling": sampling,
             "ids": bool(cfg.get("ids")) or k > 0, "flags": bool(cfg.get("mode_flags")), "input": src,
             "output": Path(str(cfg.output)), "batch_size": int(cfg.batch_size),
             "kill_after": cfg.get("inject_kill_after_rows"),
-            "max_rows": None if max_rows is None else int(max_rows)}
+            "max_rows": None if max_rows is None else int(max_rows), "rollout": rollout}
 
 
 def _read_items(src: Path, modes: list) -> tuple[list, int]:
     """(row, prompt messages, mode) per input row and mode, in file order; unreadable rows."""
+    from data_pipeline.chat import prompt_messages
+
     items, bad = [], 0
     for n, line in enumerate(src.read_text(encoding="utf-8").split("\n")):
         if not line.strip():
@@ -406,6 +654,7 @@ def run_cli(cfg) -> int:
 
     from omegaconf import OmegaConf
 
+    from data_pipeline.chat import prompt_ids
     from data_pipeline.distill_data import TopKWriter
     from data_pipeline.fusion import in_mode
     from data_pipeline.tokenizer import load_tokenizer
@@ -413,6 +662,7 @@ def run_cli(cfg) -> int:
     from model.config import ParallelConfig, from_dict
     from model.parallel import destroy_distributed, init_distributed, minimum_world_size, validate_layout
     from recipes.checkpointing import resolve_init_from
+    from recipes.rollout import launch_problem, make_engine
 
     try:
         opts = _settings(cfg)
@@ -425,6 +675,9 @@ def run_cli(cfg) -> int:
         budget = thinking_budget(tokenizer, cfg.thinking_budget)
         if opts["top_k"] > len(tokenizer):
             raise ConfigError(f"top_k_logprobs={opts['top_k']} is more than the tokenizer's {len(tokenizer)} tokens")
+        problem = launch_problem(opts["rollout"], model_cfg)
+        if problem:
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -459,6 +712,10 @@ def run_cli(cfg) -> int:
         bar = tqdm(total=len(items), initial=len(items) - sum(todo), desc="generating", unit=" response")
     writer = TopKWriter(out_path, k, opts["temperature"], records) if rank0 and k else None
     stop = stop_ids(tokenizer)
+    prompts_of = [prompt_ids(tokenizer, in_mode(m, mode, opts["flags"]) if mode else m,
+                             mode != "no_think" if mode else bool(cfg.enable_thinking)) for _, m, mode in items]
+    longest = max((len(p) for p in prompts_of), default=0) + int(cfg.max_new_tokens)
+    engine = make_engine(opts["rollout"], chunks, model_cfg, tokenizer, longest, int(sampling.seed))
     written, size = 0, opts["batch_size"]
     batches = [b for b, start in enumerate(range(0, len(items), size)) if any(todo[start:start + size])]
     # Batches are dealt over data-parallel ranks; rank 0 writes them in order.
@@ -469,12 +726,10 @@ def run_cli(cfg) -> int:
             mine = []
             if dp_rank < len(wave):
                 b = wave[dp_rank]
-                part = items[b * size:(b + 1) * size]
-                prompts = [prompt_ids(tokenizer, in_mode(m, mode, opts["flags"]) if mode else m,
-                                      mode != "no_think" if mode else bool(cfg.enable_thinking)) for _, m, mode in part]
-                gens = generate(chunks, prompts, int(cfg.max_new_tokens), stop,
-                                dataclasses.replace(sampling, seed=sampling.seed * 1000003 + b), budget,
-                                vocab_limit=len(tokenizer), top_k_logprobs=k, logprob_temperature=opts["temperature"])
+                prompts = prompts_of[b * size:(b + 1) * size]
+                gens = engine.generate(prompts, int(cfg.max_new_tokens),
+                                       dataclasses.replace(sampling, seed=sampling.seed * 1000003 + b), budget,
+                                       top_k_logprobs=k, logprob_temperature=opts["temperature"])
                 mine = [(prompt, g.tokens, g.finish, g.budget_stopped, response_text(tokenizer, g, stop),
                          (torch.stack(g.top_ids).numpy(), torch.stack(g.top_logprobs).numpy()) if k else None)
                         for prompt, g in zip(prompts, gens)]
@@ -508,6 +763,7 @@ def run_cli(cfg) -> int:
                 f.flush()
                 if bar is not None:
                     bar.update(sum(todo[start:start + size]))
+    engine.close()
     if writer is not None:
         writer.close()
     if bar is not None:

@@ -514,7 +514,8 @@ def _source(path: str | None) -> tuple[str | None, str | None]:
 def finish_stage(plan: Plan, stage: Stage, started: float, budgets: list | None) -> dict | None:
     """Evaluate the finished stage and write its marker (atomically, last); the marker, on
     rank 0 (None on the other ranks of an in-process run, which take part in the eval)."""
-    from recipes.checkpointing import FINAL, fingerprint, write_atomic
+    from model.checkpoint import write_atomic
+    from recipes.checkpointing import FINAL, fingerprint
     from recipes.run_log import read_metrics
 
     final = _agree(json.loads((stage.stage_dir / FINAL).read_text()) if _rank() == 0 else None)
@@ -553,7 +554,7 @@ def run_pipeline(plan: Plan, dry_run: bool = False) -> int:
     curve = plan.settings.get("budget_curve") or {}
     _say(f"pipeline {plan.name}: {len(plan.stages)} stages into {plan.run_dir}")
     if not dry_run and _rank() == 0:
-        from recipes.checkpointing import write_atomic
+        from model.checkpoint import write_atomic
 
         (plan.run_dir / MARKERS).mkdir(parents=True, exist_ok=True)
         write_atomic(plan.run_dir / MARKERS / "plan.json", json.dumps(

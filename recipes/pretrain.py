@@ -32,6 +32,7 @@ def document_end(cfg: DictConfig) -> int:
 class Pretrain:
     name = "pretrain"
     module = "recipes.pretrain"
+    post_training = False
 
     def validate(self, cfg: DictConfig, s: Settings) -> None:
         spec = pretrain_data.blend_spec(cfg.data)

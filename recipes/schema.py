@@ -32,6 +32,7 @@ from omegaconf import MISSING
 from model.config import ConfigError
 from recipes.distill_loss import DistillLoss
 from recipes.grpo import GRPOConfig
+from recipes.rollout import DEFAULT_BACKEND, RolloutConfig, VLLMSettings
 from recipes.train import TrainerConfig
 
 SCHEMA_NAME = "config_schema"
@@ -245,6 +246,8 @@ class RLConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    # which engine samples the rollouts (recipes/rollout): megatron or vllm
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -262,6 +265,14 @@ class RolloutSettings:
     modes: list[str] = field(default_factory=lambda: ["think", "no_think"])
     # also end the last user turn with /think or /no_think (the fusion stage's soft switch)
     flags: bool = True
+    # the engine that samples the student (recipes/rollout): megatron or vllm
+    backend: str = DEFAULT_BACKEND
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+
+    def engine(self) -> RolloutConfig:
+        from recipes.rollout import settings_from
+
+        return settings_from({"backend": self.backend, "vllm": self.vllm}, "distill.rollout")
 
     def problems(self, seq_length: int) -> list[str]:
         from data_pipeline.fusion import MODES

@@ -30,6 +30,7 @@ def _data_cfg(cfg: DictConfig):
 class SFT:
     name = "sft"
     module = "recipes.sft"
+    post_training = True
 
     def validate(self, cfg: DictConfig, s: Settings) -> None:
         from data_pipeline import sft_data

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from model.config import (ConfigError, ModelConfig, ParallelConfig, from_dict, model_config_from_dict,
                           padded_vocab_size)
 from model.parallel import layout_problems, minimum_world_size, te_available
+from recipes.hf_export import export_problems, export_stage, wants_export
 
 # Exit code after a clean stop on SIGTERM/SIGUSR1 with the checkpoint written: "try again"
 # (EX_TEMPFAIL), so a batch script can tell preemption from failure and requeue.
@@ -72,6 +73,9 @@ class TrainerConfig:
     nprocs: int | None = None
     # Fault injection for testing the NaN guard: steps whose loss is made NaN.
     inject_nan_at_steps: list[int] = field(default_factory=list)
+    # The final checkpoint also as an HF directory, <stage dir>/hf/ (recipes.hf_export):
+    # "auto" for post-training stages (Recipe.post_training), "true" every stage, "false" none.
+    export_hf: str = "auto"
 
 
 @dataclass
@@ -105,6 +109,9 @@ class Task:
 class Recipe(Protocol):
     name: str        # the value of stage.recipe this recipe runs
     module: str      # `python -m` module, for re-launching under torchrun
+    # SFT, RL, distillation: the stage ends in a model to use, exported to <stage dir>/hf/
+    # unless trainer.export_hf says otherwise (pretraining: a checkpoint on the way)
+    post_training: bool
 
     def validate(self, cfg: DictConfig, settings: "Settings") -> None: ...
 
@@ -208,6 +215,7 @@ def check_settings(s: Settings, world_size: int, recipe: str = "") -> None:
     if t.optimizer_checkpoint not in ("auto", "dp_reshardable", "fully_reshardable"):
         problems.append(f"trainer.optimizer_checkpoint={t.optimizer_checkpoint!r} must be auto, "
                         "dp_reshardable or fully_reshardable")
+    problems += export_problems(t)
     try:
         s.optim.schedule(t.max_steps)
     except ConfigError as e:
@@ -392,6 +400,8 @@ def validate(cfg: DictConfig, recipe: Recipe) -> tuple[Settings, int]:
     check_settings(s, world_size, str(cfg.stage.recipe))
     check_start(*starting_point(cfg, s), s, world_size)
     recipe.validate(cfg, s)
+    if wants_export(s.trainer.export_hf, recipe.post_training):
+        chat_tokenizer(cfg, s)   # the HF export saves it: refused now rather than after training
     return s, nprocs
 
 
@@ -430,6 +440,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | No
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from model.checkpoint import write_atomic
     from model.parallel import destroy_distributed, init_distributed
     from recipes import checkpointing as ckpt
     from recipes.engine import lr_scheduler
@@ -463,7 +474,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | No
         # as run: a null vocab_size (the tokenizer's) is written as the size it resolved to
         ran = OmegaConf.to_container(cfg, resolve=True)
         ran["model"]["vocab_size"] = s.model.vocab_size
-        ckpt.write_atomic(s.stage_dir / "config.yaml", OmegaConf.to_yaml(ran))
+        write_atomic(s.stage_dir / "config.yaml", OmegaConf.to_yaml(ran))
     dist.barrier()
     task = recipe.task(cfg, s, engine)
     if task.loss_fn is not None:
@@ -486,7 +497,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | No
     nan_loss = _nan_injector(engine, t.inject_nan_at_steps)
     dp_group = parallel_state.get_data_parallel_group()
     start_step = state["step"]
-    exit_code = 0
+    exit_code, export_from = 0, None
     try:
         while state["step"] < t.max_steps:
             step = state["step"] + 1
@@ -535,7 +546,7 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | No
         else:
             if rank0:
                 last = ckpt.latest_checkpoint(s.stage_dir)
-                ckpt.write_atomic(s.stage_dir / ckpt.FINAL, json.dumps(
+                write_atomic(s.stage_dir / ckpt.FINAL, json.dumps(
                     {"checkpoint": str(last.relative_to(s.stage_dir)), "step": state["step"], **state["sources"]},
                     indent=2) + "\n")
                 # Tokens: the task's tokens_per_step (what tokens/s counts) times this job's
@@ -543,11 +554,17 @@ def _train(cfg: DictConfig, recipe: Recipe, s: Settings, job_started: float | No
                 tokens = task.tokens_per_step * (state["step"] - start_step)
                 log.info(finished_line(str(cfg.stage.name), state["step"], start_step, last,
                                        time.perf_counter() - job_started, tokens))
+                if wants_export(t.export_hf, recipe.post_training):
+                    export_from = last
             log.event("finished", step=state["step"])
     finally:
         log.close()
         stop.close()
     destroy_distributed()
+    if export_from is not None:
+        # Rank 0 alone, once the other ranks are released: exporting a large model takes
+        # longer than they could wait in a collective. The job's log is stdout, as log.info's.
+        print(export_stage(s.stage_dir, export_from, cfg.tokenizer), flush=True)
     return exit_code
 
 

@@ -381,8 +381,9 @@ def arith_cold_start(arith_task, mini_tokenizer_dir, tmp_path_factory):
 # is left with one of them at the end (`make test` keeps this order: --no-loadscope-reorder).
 # RL and distillation both wait for the arithmetic cold start, which the first of them builds.
 LONG_FILES_FIRST = ("test_rl.py", "test_pipeline.py", "test_resume.py", "test_parity.py", "test_distill.py",
-                    "test_convert.py", "test_train_step.py", "test_moe_balance.py", "test_sft_data.py",
-                    "test_slurm.py", "test_pretrain.py", "test_context_parallel.py")
+                    "test_vllm.py", "test_convert.py", "test_train_step.py", "test_moe_balance.py",
+                    "test_sft_data.py", "test_slurm.py", "test_pretrain.py", "test_context_parallel.py",
+                    "test_generate_scale.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -139,8 +139,8 @@ def test_vocab_parallel_logprobs_and_entropy_match_torch(wiring):
 
 
 def test_rl_loss_micro_batches_add_up_to_the_aggregate(wiring):
-    """GRPOTask.batches + GRPOTask.loss over the micro-batches of a minibatch, as megatron-core
-    scales them, equal the objective computed directly in plain torch, per aggregation."""
+    """MicroBatcher.batches + grpo_loss (GRPOTask's batches and loss) over the micro-batches
+    of a minibatch, as megatron-core scales them, equal the objective computed directly in plain torch, per aggregation."""
     for mode, (ours, reference) in wiring["objective"].items():
         assert ours == pytest.approx(reference, rel=1e-5, abs=1e-7), mode
     assert len({round(v[1], 6) for v in wiring["objective"].values()}) == 3   # modes differ

@@ -151,6 +151,7 @@ def test_fusion_mixes_both_modes(built):
 
 def test_general_rl_has_both_flags_and_rewards_per_mode(built):
     from data_pipeline.rl_data import reward_entries
+    from recipes.rewards import REWARDS, reference_problem
 
     _, paths = built
     modes, sizes = Counter(), Counter()
@@ -160,7 +161,8 @@ def test_general_rl_has_both_flags_and_rewards_per_mode(built):
         assert mode, r
         modes[mode] += 1
         sizes[mode, size(r)] += 1
-        names = [name for name, _, _ in reward_entries(r["reward"], r["reference"], r["messages"])]
+        names = [name for name, _, _ in reward_entries(r["reward"], r["reference"], r["messages"], known=REWARDS,
+                                                       reference_problem=reference_problem)]
         assert names == [{"think": "format_think", "no_think": "no_think"}[mode], "math"], r
     assert modes["think"] == modes["no_think"] == PROBLEMS // 2
     assert not sizes["no_think", 3] and sizes["think", 3] > 0   # no three-digit sums without thinking
@@ -169,11 +171,13 @@ def test_general_rl_has_both_flags_and_rewards_per_mode(built):
 def test_rl_reader_takes_every_row(built):
     from data_pipeline.rl_data import read_prompts
     from data_pipeline.tokenizer import load_tokenizer
+    from recipes.rewards import REWARDS, reference_problem
 
     root, paths = built
     tok = load_tokenizer(root / "tokenizer")
     for name in ("rl_reasoning", "rl_general", "distill_prompts", "eval_held"):
-        prompts, skipped = read_prompts([paths[name]], ["math"], tok, 64, True)
+        prompts, skipped = read_prompts([paths[name]], ["math"], tok, 64, True, known=REWARDS,
+                                        reference_problem=reference_problem)
         assert len(prompts) == len(rows(paths[name])) and not skipped, (name, skipped)
 
 

@@ -8,9 +8,10 @@ import threading
 import pytest
 
 from model.config import ConfigError
+from data_pipeline import math_answers as ma
+from data_pipeline.math_answers import answers_match, extract_answer
 from recipes.rewards import REWARDS, get_reward
-from recipes.rewards import math as rm
-from recipes.rewards.math import answers_match, extract_answer, math_reward
+from recipes.rewards.math import math_reward
 
 # Slow to verify: sympy compares 9^(9^9) with 1 until math-verify's alarm stops it.
 HUGE = "$9^{9^{9}}$"
@@ -138,16 +139,16 @@ def test_works_off_the_main_thread():
 
 def test_a_dead_or_overrunning_worker_is_replaced(monkeypatch):
     assert _in_thread(lambda: answers_match("2/4", "0.5")) == {"value": True}
-    rm._worker.proc.kill()
-    rm._worker.proc.wait()
+    ma._worker.proc.kill()
+    ma._worker.proc.wait()
     assert _in_thread(lambda: answers_match("2/4", "0.5")) == {"value": True}
 
     # a deadline shorter than the child's own 1 s alarm: the child is killed, the answer
     # counts as wrong, and the next call gets a new child
-    monkeypatch.setattr(rm, "DEADLINE_SLACK_S", -5.9)
-    first = rm._worker.proc
+    monkeypatch.setattr(ma, "DEADLINE_SLACK_S", -5.9)
+    first = ma._worker.proc
     assert _in_thread(lambda: answers_match(HUGE, "1", timeout_s=1)) == {"value": False}
     assert first.poll() is not None
-    monkeypatch.setattr(rm, "DEADLINE_SLACK_S", 10.0)
+    monkeypatch.setattr(ma, "DEADLINE_SLACK_S", 10.0)
     assert _in_thread(lambda: answers_match("2/4", "0.5")) == {"value": True}
-    assert rm._worker.proc is not first
+    assert ma._worker.proc is not first

@@ -280,6 +280,6 @@ def test_registry_and_safe_reward():
 
 
 def test_registered_when_cold_start_is_imported_first():
-    # cold_start -> recipes.rewards.math -> recipes.rewards -> rules -> cold_start (partly imported)
+    # rules imports cold_start: importing cold_start first must leave the registry whole too
     run([sys.executable, "-c", "import data_pipeline.cold_start; from recipes.rewards import get_reward; "
          "assert get_reward('instructions')('an apple', {'include': 'apple'}) == 1.0"])

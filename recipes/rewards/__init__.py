@@ -1,8 +1,9 @@
 """Rewards by name: `get_reward("math")(response, reference) -> float`.
 
-One registry for every verifier and reward the post-training stages use: the cold-start
-data filter checks final answers with it, and the RL stages score rollouts with it, so
-that a config or a data row names a reward and nothing else changes. A module registers
+One registry for every verifier and reward the post-training stages use: the RL stages
+score rollouts with it and distillation its held-out answers (the `math` reward judges
+answers as the cold-start data filter does, by data_pipeline.math_answers), so that a
+config or a data row names a reward and nothing else changes. A module registers
 its rewards with `@register("name")` and is imported at the bottom of this file.
 
 `reference` is whatever the data row carries for that reward: a final answer (math), a

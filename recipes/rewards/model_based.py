@@ -251,7 +251,7 @@ def fit_value_head(rm: RewardModel, token_lists: list[list[int]], targets: list[
 
 def _prompt_messages(prompt: Any) -> list[dict]:
     """A prompt as messages: text (one user turn), a message list, or a data row."""
-    from recipes.generate import prompt_messages
+    from data_pipeline.chat import prompt_messages
 
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         prompt = {"messages": prompt}

@@ -44,11 +44,11 @@ import json
 import re
 from typing import Any, Callable
 
-# Circular-import safe in either order (cold_start imports recipes.rewards.math): `from
-# package import module` accepts a partly-initialized module, so read its names only at call time.
+# The cold-start filters' text measures (words, sentences, scripts), so that both judge text alike.
 from data_pipeline import cold_start as _text
+from data_pipeline.math_answers import BOXED, boxed_contents
 from recipes.rewards import register
-from recipes.rewards.math import BOXED, boxed_contents, final_part
+from recipes.rewards.math import final_part
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")

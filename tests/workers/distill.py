@@ -59,8 +59,6 @@ def reference(student, teacher, targets, k, kind):
 
 def check_global_token_mean(rank: int) -> dict:
     """Part 3 of the module docstring: the step's loss and gradient against the reference."""
-    from types import SimpleNamespace
-
     from megatron.core import parallel_state
 
     from model.builder import build_model
@@ -68,6 +66,7 @@ def check_global_token_mean(rank: int) -> dict:
     from recipes.distill import DistillTask
     from recipes.distill_loss import DistillLoss, per_token
     from recipes.engine import OptimConfig, build_engine, forward_per_token
+    from recipes.rl_parts import DataParallel, MicroBatcher
     from tests.conftest import TEST_VOCAB
 
     cfg, layout, seq, k = load_model_config("tiny", vocab_size=TEST_VOCAB, num_layers=2), ParallelConfig(), 16, 4
@@ -98,12 +97,10 @@ def check_global_token_mean(rank: int) -> dict:
     ref_loss.backward()
 
     # the stage's path, with this rank's share as recipes.data.SampleBatches hands it out
-    task = object.__new__(DistillTask)
-    task.phase, task.eval_prompts, task.score_online, task.c = "off_policy", [], False, c
-    task.samples = lambda consumed: [dict(m) for m in micro[2 * rank:2 * rank + 2]]
-    task.engine, task.tp, task.width_multiple, task.tokenizer = engine, 1, 1, [None] * TEST_VOCAB
-    task.dp_size, task.dp_group = 2, parallel_state.get_data_parallel_group()
-    task.s = SimpleNamespace(trainer=SimpleNamespace(micro_batch_size=2))
+    batcher = MicroBatcher(rollout_size=8, global_batch_size=8, micro_batch_size=2, width_multiple=1,
+                           dp=DataParallel(rank, 2, parallel_state.get_data_parallel_group()))
+    task = DistillTask(c, "off_policy", [None] * TEST_VOCAB, engine, batcher, sampler=None,
+                       samples=lambda consumed: [dict(m) for m in micro[2 * rank:2 * rank + 2]])
     engine.loss_fn, engine.loss_positions_only = task.loss, True
     step = engine.train_step(task.batches(0))
     worst = max((p.main_grad - q.grad).abs().max().item()

@@ -5,10 +5,10 @@
 A random `tiny` model (the real vocabulary, so the real tokenizer's ids fit) continues a
 thinking prompt (the generation prompt plus "<think>\\n", as if the model had opened its
 thinking) under budgets of 6 and 1 tokens, a non-thinking prompt (a different length in the same
-batch), and sampled decoding; with the KV cache (TP=1; TP=2 uses sequence parallelism, so
-it recomputes) and without it. `mixed` is a greedy batch of three prompts of very
-different lengths with no budget: at TP=1 with the cache and without, at PP=2 (which
-always recomputes), and on a random `tiny_moe` at EP=1 and EP=2 (the cache serves EP).
+batch), and sampled decoding; with the KV cache (TP=1, and TP=2 with sequence parallelism,
+which the decode turns off) and without it. `mixed` is a greedy batch of three prompts of
+very different lengths with no budget: at TP=1 with the cache and without, at PP=2 (a
+cache per stage), and on a random `tiny_moe` at EP=1 and EP=2 (the cache serves EP).
 Each layout after the first loads the first one's checkpoint, so all see the same weights.
 Rank 0 records the token ids, log-probs and whether the KV cache was used.
 

@@ -5,7 +5,8 @@
 1. `target_logprobs_and_entropy` on each rank's half of fixed logits (vocabulary 10, the
    last row padding) against log_softmax over the full 9-token vocabulary: values and the
    gradient each rank's slice receives.
-2. `GRPOTask.batches` cuts a fixed rollout into micro-batches and `GRPOTask.loss` scores
+2. `MicroBatcher.batches` (recipes/rl_parts.py, what `GRPOTask.batches` calls) cuts a
+   fixed rollout into micro-batches and `recipes.rl.grpo_loss` (`GRPOTask.loss`) scores
    them; summed the way megatron-core's schedule scales them (divide by the micro-batch
    count), they must equal the objective written out below in plain torch, for each
    aggregation mode. The reference is deliberately not built from recipes/grpo.py.
@@ -15,7 +16,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -72,7 +72,8 @@ def reference_objective(logits, t, g, mode) -> float:
 
 def check_objective(rank: int) -> dict:
     from recipes.grpo import GRPOConfig
-    from recipes.rl import GRPOTask
+    from recipes.rl import grpo_loss
+    from recipes.rl_parts import DataParallel, MicroBatcher
 
     g = torch.Generator().manual_seed(1)
     n, s = 4, 5
@@ -88,19 +89,15 @@ def check_objective(rank: int) -> dict:
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
         cfg = GRPOConfig(loss_agg=mode, kl_coef=0.05, entropy_coef=0.01, tis_cap=1.2, prompts_per_rollout=2,
                          group_size=2, temperature=T)
-        task = object.__new__(GRPOTask)
-        task.g, task.state, task.tokenizer = cfg, {"entropy_coef": cfg.entropy_coef}, [None] * LIMIT
-        task.size = task.gbs = n
-        task.dp_rank, task.dp_size = 0, 1
-        task.s = SimpleNamespace(trainer=SimpleNamespace(micro_batch_size=2))
-        task.current, task.eval_prompts = (0, t), []   # no held-out evaluation
-        micro = task.batches(0)
+        batcher = MicroBatcher(rollout_size=n, global_batch_size=n, micro_batch_size=2, width_multiple=1,
+                               dp=DataParallel())
+        micro = batcher.batches(0, lambda index: t, cfg.loss_agg)   # the fixed rollout, as GRPOTask.batches
         total = 0.0
         for k, batch in enumerate(micro):
             rows = slice(2 * k, 2 * k + 2)
             local = logits[rows][..., rank * V // 2:(rank + 1) * V // 2]
             # the engine hands the loss the logits at the loss positions only (logits_at)
-            loss, num_tokens, _ = task.loss(batch, local[batch["loss_mask"].bool()])
+            loss, num_tokens, _ = grpo_loss(batch, local[batch["loss_mask"].bool()], cfg, cfg.entropy_coef, LIMIT)
             total += (loss / num_tokens.clamp(min=1) / len(micro)).item()   # megatron-core's scaling
         out[mode] = [total, reference_objective(logits, t, cfg, mode)]
     return out
