@@ -24,6 +24,9 @@ would have. Teacher data for strong-to-weak distillation (recipes.distill):
 
     python -m recipes.generate checkpoint=<teacher> tokenizer=data/tokenizer input=prompts.jsonl \\
         output=data/distill/teacher.jsonl modes=[think,no_think] top_k_logprobs=64
+
+`backend=vllm` has the CLI generate with the vLLM engine instead (recipes/rollout: vLLM in
+each rank's process, given the checkpoint's weights in memory); greedy ids are the same.
 """
 
 from __future__ import annotations

@@ -249,6 +249,7 @@ def teacher_data(arith_task, arith_cold_start, mini_tokenizer_dir):
     return root
 
 
+@pytest.mark.slow   # a learning test (README: "Learning tests")
 def test_student_learns_the_task_from_the_teacher(teacher_data, arith_cold_start, mini_tokenizer_dir):
     root = teacher_data
     common = [f"teacher={arith_cold_start}", f"distill.eval.files=[{root / 'held.jsonl'}]", "distill.eval.interval=0",

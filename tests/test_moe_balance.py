@@ -32,6 +32,8 @@ value at seed 0, and holds on all four:
 
 from __future__ import annotations
 
+import pytest
+
 from recipes.run_log import read_metrics
 from tests.conftest import arith_sft
 
@@ -60,6 +62,7 @@ def train(task, tokenizer, root, coeff: float) -> tuple[float, float]:
             sum(m["loss"] for m in last) / LAST)
 
 
+@pytest.mark.slow   # a learning test (README: "Learning tests")
 def test_balancing_loss_lowers_the_busiest_expert(arith_task, mini_tokenizer_dir, tmp_path):
     coeff = config_coefficient()
     assert coeff > 1e-9

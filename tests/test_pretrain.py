@@ -79,6 +79,7 @@ def check_chain(run, model):
     return metrics
 
 
+@pytest.mark.slow   # a learning test (README: "Learning tests"); the default suite's S1-S3 hand-over is test_pipeline's
 def test_mini_chain(tmp_path, mini_pretrain_data):
     run = run_chain(tmp_path, mini_pretrain_data, "mini")
     check_chain(run, "mini")

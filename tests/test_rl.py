@@ -118,6 +118,7 @@ def rl(root, tokenizer, data, *overrides, check=True):
     return run(rl_command(root, tokenizer, data, *overrides), check=check, timeout=1800)
 
 
+@pytest.mark.slow   # a learning test (README: "Learning tests")
 def test_reasoning_rl_raises_held_out_reward(rl_data, skips_reasoning, mini_tokenizer_dir):
     root = rl_data
     proc = rl(root, mini_tokenizer_dir, root / "rl.jsonl", "run.name=rl", "trainer.nprocs=2",

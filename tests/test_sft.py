@@ -37,6 +37,7 @@ def cold_start(arith_cold_start):
     return arith_cold_start
 
 
+@pytest.mark.slow   # a learning test (README: "Learning tests")
 def test_cold_start_learns_the_task(task, mini_tokenizer_dir, cold_start):
     metrics = read_metrics(cold_start)
     steps = [metrics[k] for k in sorted(metrics)]
