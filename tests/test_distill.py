@@ -156,6 +156,7 @@ def generate(task, tokenizer, out, *overrides, check=True):
                          "sampling.seed=3", "progress=false", *overrides, check=check)
 
 
+@pytest.mark.slow   # default-suite budget (README: make test-slow)
 def test_teacher_generation_resumes_after_a_kill(arith_task, mini_tokenizer_dir, tmp_path):
     """Sampled generation in both modes with top-k records, killed (SIGKILL) in the middle
     of writing a row, then restarted: the finished rows are kept, the rest generated, and

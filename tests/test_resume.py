@@ -95,6 +95,7 @@ def test_damaged_latest_is_set_aside_and_the_one_before_resumes(tmp_path, mini_p
     assert [p.name for p in complete_checkpoints(stage)] == ["iter_0000004", "iter_0000006"]
 
 
+@pytest.mark.slow   # default-suite budget (README: make test-slow)
 def test_changed_schedule_on_resume_is_refused_unless_overridden(tmp_path, mini_pretrain_data):
     import torch
     import yaml
@@ -152,6 +153,7 @@ def test_checkpoints_move_between_the_local_and_te_specs(tmp_path):
         assert r["te_to_local_weights_equal"] and r["other_missing_refused"], r
 
 
+@pytest.mark.slow   # default-suite budget (README: make test-slow)
 def test_nan_guard_skips_then_aborts(tmp_path, mini_pretrain_data):
     common = ["model=mini", "trainer.max_steps=4", "trainer.save_interval=1", "precision=fp8_delayed"]
     proc = pretrain(tmp_path / "skip", mini_pretrain_data, *common, "trainer.inject_nan_at_steps=[2]")

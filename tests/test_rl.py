@@ -185,6 +185,7 @@ def test_mini_moe_rl_logs_load_balance(tmp_path, mini_tokenizer_dir, rl_data):
     assert read_json(tmp_path / "runs" / "moe" / "rl_reasoning" / "final.json")["step"] == 2
 
 
+@pytest.mark.slow   # default-suite budget (README: make test-slow)
 def test_grpo_step_at_tp2(rl_data, arith_cold_start, mini_tokenizer_dir, tmp_path):
     """Two gloo processes at TP=2 (KV-cache rollouts), from the TP=1 arithmetic SFT checkpoint."""
     rl(tmp_path, mini_tokenizer_dir, rl_data / "rl.jsonl", "run.name=tp2", "parallel.tp=2", "parallel.sp=false",

@@ -220,6 +220,7 @@ def test_chain_with_preemption_and_requeue(slurm, mini_pretrain_data, plain_run,
     assert s2_losses[1] < losses(stage)[1] - 0.3, (s2_losses, losses(stage))
 
 
+@pytest.mark.slow   # default-suite budget (README: make test-slow)
 def test_failing_stage_cancels_its_dependent(slurm, mini_pretrain_data, tmp_path):
     """A stage that passes the chain's checks but fails in its job (here the NaN guard at
     step 1 with nan_policy=abort) exits non-zero, and the afterok chain cancels the next."""
