@@ -125,21 +125,6 @@ def _timed_vllm(engine, prompts, b: RolloutBench, sampling, meter) -> dict:
             "tokens": [g.tokens for g in first], "logprobs": [g.logprobs for g in first]}
 
 
-def vllm_unavailable(cfg) -> str | None:
-    """Why the vLLM rows are left out here; None when they run."""
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed"
-    if not torch.cuda.is_available():
-        from recipes.rollout.vllm_engine import head_dim_problem
-
-        return head_dim_problem(cfg)
-    return None
-
-
 def run_benchmark(b: RolloutBench) -> dict:
     """Both paths, greedy and sampled, on one model and one batch: {"environment", "config", "rows", "checks"}."""
     import torch
@@ -178,7 +163,9 @@ def run_benchmark(b: RolloutBench) -> dict:
                          "peak_bytes": r["peak_bytes"], "speedup": None})
         cached, full = rows[-2], rows[-1]
         cached["speedup"] = cached["tokens_per_s"] / full["tokens_per_s"]
-    skipped = vllm_unavailable(cfg)
+    from recipes.rollout import RolloutConfig, launch_problem
+
+    skipped = launch_problem(RolloutConfig(backend="vllm"), cfg)   # why vLLM's rows are left out
     startup = None
     if skipped is None:
         from recipes.rollout import VLLMSettings

@@ -57,7 +57,7 @@ from typing import Callable, Iterable, Iterator
 
 from data_pipeline.chat import split_reasoning
 from data_pipeline.math_answers import answers_match, extract_answer
-from model.config import HYDRA_CONF, ConfigError, from_dict
+from model.config import ConfigError, from_dict
 
 FILTERS = ("wrong_answer", "repetition", "guessing", "inconsistent", "language_mixing", "validation_overlap")
 MALFORMED, UNVERIFIED_CODE = "malformed", "unverified_code"

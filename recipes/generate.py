@@ -67,6 +67,14 @@ class ThinkingBudget:
     think_close: int
     stop_phrase: list[int]       # ids of chat.BUDGET_STOP (ends with </think>)
 
+    def thinking_at_end(self, prompt: list[int]) -> int | None:
+        """Thinking tokens a prompt already holds after an unclosed `<think>` (a prompt
+        that prefills "<think>\\n"); None when it does not end inside a think block."""
+        opened = [j for j, t in enumerate(prompt) if t == self.think_open]
+        if opened and self.think_close not in prompt[opened[-1]:]:
+            return len(prompt) - 1 - opened[-1]
+        return None
+
 
 @dataclass
 class Generation:
@@ -468,9 +476,9 @@ class _Decoder:
         phrase_start = 0 if len(self.phrase) else -1   # where a spent budget starts forcing
         if budget is not None:
             for i, p in enumerate(prompts):
-                opened = [j for j, t in enumerate(p) if t == budget.think_open]
-                if opened and budget.think_close not in p[opened[-1]:]:
-                    thinking[i] = len(p) - 1 - opened[-1]   # a prompt that prefills "<think>\n"
+                held = budget.thinking_at_end(p)
+                if held is not None:
+                    thinking[i] = held
                     if thinking[i] >= budget.tokens:
                         thinking[i], forcing[i], budget_stopped[i] = -1, phrase_start, True
         thinking = torch.tensor(thinking, device=dev)

@@ -131,10 +131,8 @@ class VLLMEngine:
         done = [False] * len(prompts)
         if budget is not None:
             for i, p in enumerate(prompts):
-                opened = [j for j, t in enumerate(p) if t == budget.think_open]
-                if opened and budget.think_close not in p[opened[-1]:]:
-                    thinking[i] = len(p) - 1 - opened[-1]
-                    self._force_if_spent(i, out, thinking, unscored, budget, max_new_tokens)
+                thinking[i] = budget.thinking_at_end(p)
+                self._force_if_spent(i, out, thinking, unscored, budget, max_new_tokens)
         rounds = 0
         while True:
             todo = [i for i in range(len(prompts)) if not done[i] or unscored[i]]
